@@ -1,0 +1,301 @@
+"""Gemma 4 text config, normalised from any of the shapes HF uses for it.
+
+:func:`text_config_from_any` accepts a ``Gemma4TextConfig``, a ``Gemma4Config`` (its ``text_config``),
+a ``config.json`` path or directory, or the parsed JSON dict, in both the old schema
+(``global_head_dim`` / ``num_global_key_value_heads``) and the transformers >= 5.15 schema
+(``per_layer_config``). Dicts are parsed by transformers itself, so HF's defaults apply (e.g. PLE on when
+``hidden_size_per_layer_input`` is absent) and our model is built from exactly what HF would build.
+
+:class:`Gemma4TextSpec` is the frozen, validated summary the Megatron model is built from. Everything it
+holds is per layer where Gemma 4 is heterogeneous (head dim, KV heads, attention type); it never reads
+``config.head_dim`` (which raises on >= 5.15 configs, facts §6.10).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from gemma4.errors import ConfigError
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+LAYER_TYPES = (SLIDING, FULL)
+SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh",)
+SUPPORTED_ROPE_TYPES = ("default", "proportional")
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """RoPE of one layer type. ``partial_rotary_factor`` only matters for ``proportional``."""
+
+    rope_type: str
+    theta: float
+    partial_rotary_factor: float = 1.0
+    factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class Gemma4TextSpec:
+    """Validated Gemma 4 text-decoder hyper-parameters (dense; MoE/PLE/KV sharing are refused for now)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_attention_heads: int
+    layer_types: tuple[str, ...]
+    head_dims: tuple[int, ...]
+    num_kv_heads: tuple[int, ...]
+    sliding_window: int
+    rope: dict[str, RopeSpec]
+    rms_norm_eps: float
+    final_logit_softcapping: float | None
+    attention_k_eq_v: bool
+    tie_word_embeddings: bool
+    attention_dropout: float
+    max_position_embeddings: int
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 2
+    eos_token_id: int | list[int] | None = 1
+
+    # ---- per-layer helpers -------------------------------------------------------------------------
+    def is_sliding(self, layer: int) -> bool:
+        """True if ``layer`` (0-based) is a sliding-window layer."""
+        return self.layer_types[layer] == SLIDING
+
+    def has_v_proj(self, layer: int) -> bool:
+        """K=V full layers have no ``v_proj``: V is v_norm of the raw K projection (facts §1.5)."""
+        return not (self.attention_k_eq_v and not self.is_sliding(layer))
+
+    def head_dim_of(self, layer_type: str) -> int:
+        """Head dim shared by every layer of ``layer_type``."""
+        dims = {d for t, d in zip(self.layer_types, self.head_dims) if t == layer_type}
+        if len(dims) != 1:
+            raise ConfigError(f"layer type {layer_type!r} has head dims {sorted(dims)}; expected exactly one")
+        return dims.pop()
+
+    def kv_heads_of(self, layer_type: str) -> int:
+        """KV heads shared by every layer of ``layer_type``."""
+        heads = {n for t, n in zip(self.layer_types, self.num_kv_heads) if t == layer_type}
+        if len(heads) != 1:
+            raise ConfigError(f"layer type {layer_type!r} has KV heads {sorted(heads)}; expected exactly one")
+        return heads.pop()
+
+    @property
+    def present_layer_types(self) -> tuple[str, ...]:
+        """Layer types that occur, in a fixed order (sliding first)."""
+        return tuple(t for t in LAYER_TYPES if t in self.layer_types)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable summary (for reports and goldens)."""
+        d = asdict(self)
+        d["layer_types"] = list(self.layer_types)
+        d["head_dims"] = list(self.head_dims)
+        d["num_kv_heads"] = list(self.num_kv_heads)
+        return d
+
+
+# ---- loading -------------------------------------------------------------------------------------------
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not readable JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a JSON object")
+    return data
+
+
+def hf_text_config_from_dict(data: dict[str, Any], source: str = "config") -> Any:
+    """Build a ``Gemma4TextConfig`` from a ``config.json`` dict (text or multimodal ``gemma4``)."""
+    from transformers import Gemma4TextConfig
+
+    model_type = data.get("model_type")
+    if model_type in ("gemma4", "gemma4_unified") or "text_config" in data:
+        text = data.get("text_config")
+        if not isinstance(text, dict):
+            raise ConfigError(f"{source}: field 'text_config' must be an object for model_type {model_type!r}")
+        data = text
+        model_type = data.get("model_type", "gemma4_text")
+    if model_type not in (None, "gemma4_text"):
+        raise ConfigError(f"{source}: field 'model_type' is {model_type!r}; expected 'gemma4_text' or 'gemma4'")
+    clean = {k: v for k, v in data.items() if k not in ("model_type", "transformers_version", "architectures")}
+    try:
+        return Gemma4TextConfig(**clean)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{source}: transformers rejects the config: {exc}") from exc
+
+
+def hf_text_config_from_any(obj: Any) -> Any:
+    """Return the ``Gemma4TextConfig`` behind a config object, JSON dict, or path (file or directory)."""
+    from transformers import Gemma4Config, Gemma4TextConfig
+
+    if isinstance(obj, Gemma4TextConfig):
+        return obj
+    if isinstance(obj, Gemma4Config):
+        return obj.text_config
+    if isinstance(obj, (str, Path)):
+        path = Path(obj)
+        return hf_text_config_from_dict(_load_json(path), source=str(path))
+    if isinstance(obj, dict):
+        return hf_text_config_from_dict(obj)
+    raise ConfigError(f"unsupported config object of type {type(obj).__name__}")
+
+
+def _per_layer(cfg: Any, layer: int, name: str, default: int) -> int:
+    """Read a per-layer attribute from ``per_layer_config`` (>= 5.15) or fall back to old attributes."""
+    plc = getattr(cfg, "per_layer_config", None)
+    if plc is not None:
+        value = getattr(plc[layer], name)
+        return int(value)
+    return default
+
+
+def text_spec_from_any(obj: Any) -> Gemma4TextSpec:
+    """Normalise and validate any supported config form into a :class:`Gemma4TextSpec`."""
+    return text_spec_from_hf(hf_text_config_from_any(obj))
+
+
+def text_spec_from_hf(cfg: Any) -> Gemma4TextSpec:
+    """Validate a ``Gemma4TextConfig`` and summarise it; unsupported settings raise :class:`ConfigError`."""
+    d = cfg.to_dict()
+
+    def field(name: str) -> Any:
+        if name not in d:
+            raise ConfigError(f"field {name!r} is missing")
+        return d[name]
+
+    def positive_int(name: str) -> int:
+        v = field(name)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ConfigError(f"field {name!r} must be a positive integer, got {v!r}")
+        return v
+
+    vocab = positive_int("vocab_size")
+    hidden = positive_int("hidden_size")
+    inter = positive_int("intermediate_size")
+    n_layers = positive_int("num_hidden_layers")
+    n_heads = positive_int("num_attention_heads")
+
+    layer_types = tuple(field("layer_types"))
+    if len(layer_types) != n_layers:
+        raise ConfigError(
+            f"field 'layer_types' has {len(layer_types)} entries but 'num_hidden_layers' is {n_layers}"
+        )
+    for i, t in enumerate(layer_types):
+        if t not in LAYER_TYPES:
+            raise ConfigError(f"field 'layer_types[{i}]' is {t!r}; expected one of {list(LAYER_TYPES)}")
+
+    # Refuse what this model does not build yet, naming the field.
+    if d.get("hidden_size_per_layer_input"):
+        raise ConfigError(
+            "field 'hidden_size_per_layer_input' is "
+            f"{d['hidden_size_per_layer_input']}: per-layer embeddings (PLE, E2B/E4B) are not supported yet; "
+            "set it to 0 for dense 31B/12B-style configs"
+        )
+    if d.get("num_kv_shared_layers"):
+        raise ConfigError(f"field 'num_kv_shared_layers' is {d['num_kv_shared_layers']}: KV sharing is not supported yet")
+    if d.get("enable_moe_block"):
+        raise ConfigError("field 'enable_moe_block' is true: the MoE block is not supported yet")
+    if d.get("use_bidirectional_attention") == "all":
+        raise ConfigError("field 'use_bidirectional_attention' is 'all': only causal text attention is supported")
+    if d.get("attention_bias"):
+        raise ConfigError("field 'attention_bias' is true: Gemma 4 has no attention biases; unsupported")
+    act = field("hidden_activation")
+    if act not in SUPPORTED_ACTIVATIONS:
+        raise ConfigError(f"field 'hidden_activation' is {act!r}; Gemma 4 uses {SUPPORTED_ACTIVATIONS[0]!r}")
+
+    k_eq_v = bool(d.get("attention_k_eq_v", False))
+    head_dims, kv_heads = [], []
+    for i in range(n_layers):
+        hd = _per_layer(cfg, i, "head_dim", d.get("head_dim", 0))
+        nkv = _per_layer(cfg, i, "num_key_value_heads", d.get("num_key_value_heads", 0))
+        if hd <= 0 or hd % 2:
+            raise ConfigError(f"layer {i}: head_dim must be a positive even integer, got {hd}")
+        if nkv <= 0 or n_heads % nkv:
+            raise ConfigError(
+                f"layer {i}: num_key_value_heads ({nkv}) must divide 'num_attention_heads' ({n_heads})"
+            )
+        head_dims.append(hd)
+        kv_heads.append(nkv)
+    for t in LAYER_TYPES:
+        dims = {hd for lt, hd in zip(layer_types, head_dims) if lt == t}
+        heads = {n for lt, n in zip(layer_types, kv_heads) if lt == t}
+        if len(dims) > 1 or len(heads) > 1:
+            raise ConfigError(
+                f"field 'per_layer_config': layers of type {t!r} disagree on head_dim {sorted(dims)} "
+                f"or num_key_value_heads {sorted(heads)}"
+            )
+
+    window = field("sliding_window")
+    if SLIDING in layer_types and (not isinstance(window, int) or window < 1):
+        raise ConfigError(f"field 'sliding_window' must be a positive integer, got {window!r}")
+
+    rope_params = field("rope_parameters") or {}
+    rope: dict[str, RopeSpec] = {}
+    for t in sorted(set(layer_types)):
+        p = rope_params.get(t)
+        if not isinstance(p, dict):
+            raise ConfigError(f"field 'rope_parameters.{t}' is missing (RoPE parameters per layer type)")
+        rtype = p.get("rope_type", "default")
+        if rtype not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(
+                f"field 'rope_parameters.{t}.rope_type' is {rtype!r}; supported: {list(SUPPORTED_ROPE_TYPES)}"
+            )
+        theta = p.get("rope_theta")
+        if not isinstance(theta, (int, float)) or theta <= 0:
+            raise ConfigError(f"field 'rope_parameters.{t}.rope_theta' must be positive, got {theta!r}")
+        prf = float(p.get("partial_rotary_factor", 1.0)) if rtype == "proportional" else 1.0
+        if not 0.0 <= prf <= 1.0:
+            raise ConfigError(f"field 'rope_parameters.{t}.partial_rotary_factor' must be in [0, 1], got {prf}")
+        factor = float(p.get("factor", 1.0)) if rtype == "proportional" else 1.0
+        if factor <= 0:
+            raise ConfigError(f"field 'rope_parameters.{t}.factor' must be positive, got {factor}")
+        if rtype == "default" and ("factor" in p or "partial_rotary_factor" in p):
+            raise ConfigError(
+                f"field 'rope_parameters.{t}': 'default' RoPE ignores 'factor'/'partial_rotary_factor' in HF; "
+                "remove them or use 'proportional'"
+            )
+        rope[t] = RopeSpec(rtype, float(theta), prf, factor)
+
+    eps = field("rms_norm_eps")
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        raise ConfigError(f"field 'rms_norm_eps' must be positive, got {eps!r}")
+    softcap = d.get("final_logit_softcapping")
+    if softcap is not None and (not isinstance(softcap, (int, float)) or not softcap > 0 or math.isinf(softcap)):
+        raise ConfigError(f"field 'final_logit_softcapping' must be a positive number or null, got {softcap!r}")
+    dropout = d.get("attention_dropout") or 0.0
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ConfigError(f"field 'attention_dropout' must be in [0, 1), got {dropout!r}")
+
+    return Gemma4TextSpec(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_layers=n_layers,
+        num_attention_heads=n_heads,
+        layer_types=layer_types,
+        head_dims=tuple(head_dims),
+        num_kv_heads=tuple(kv_heads),
+        sliding_window=int(window),
+        rope=rope,
+        rms_norm_eps=float(eps),
+        final_logit_softcapping=None if softcap is None else float(softcap),
+        attention_k_eq_v=k_eq_v,
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+        attention_dropout=float(dropout),
+        max_position_embeddings=int(d.get("max_position_embeddings", 131072)),
+        pad_token_id=d.get("pad_token_id"),
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_id=d.get("eos_token_id"),
+    )

@@ -1,0 +1,1 @@
+"""Gemma 4 on Megatron-Core: config translation, modules, layer specs and the GPT model subclass."""

@@ -1,0 +1,1 @@
+"""Checking machinery: HF reference runner, tolerance policy, parity comparison, presets, CLI."""

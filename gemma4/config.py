@@ -124,15 +124,21 @@ def hf_text_config_from_dict(data: dict[str, Any], source: str = "config") -> An
     if model_type in ("gemma4", "gemma4_unified") or "text_config" in data:
         text = data.get("text_config")
         if not isinstance(text, dict):
-            raise ConfigError(f"{source}: field 'text_config' must be an object for model_type {model_type!r}")
+            raise ConfigError(
+                f"{source}: field 'text_config' must be an object for model_type {model_type!r}"
+            )
         data = text
         model_type = data.get("model_type", "gemma4_text")
     if model_type not in (None, "gemma4_text"):
-        raise ConfigError(f"{source}: field 'model_type' is {model_type!r}; expected 'gemma4_text' or 'gemma4'")
-    clean = {k: v for k, v in data.items() if k not in ("model_type", "transformers_version", "architectures")}
+        raise ConfigError(
+            f"{source}: field 'model_type' is {model_type!r}; expected 'gemma4_text' or 'gemma4'"
+        )
+    clean = {
+        k: v for k, v in data.items() if k not in ("model_type", "transformers_version", "architectures")
+    }
     try:
         return Gemma4TextConfig(**clean)
-    except (TypeError, ValueError, KeyError) as exc:
+    except Exception as exc:  # transformers' strict dataclass validation raises several types
         raise ConfigError(f"{source}: transformers rejects the config: {exc}") from exc
 
 
@@ -204,11 +210,15 @@ def text_spec_from_hf(cfg: Any) -> Gemma4TextSpec:
             "set it to 0 for dense 31B/12B-style configs"
         )
     if d.get("num_kv_shared_layers"):
-        raise ConfigError(f"field 'num_kv_shared_layers' is {d['num_kv_shared_layers']}: KV sharing is not supported yet")
+        raise ConfigError(
+            f"field 'num_kv_shared_layers' is {d['num_kv_shared_layers']}: KV sharing is not supported yet"
+        )
     if d.get("enable_moe_block"):
         raise ConfigError("field 'enable_moe_block' is true: the MoE block is not supported yet")
     if d.get("use_bidirectional_attention") == "all":
-        raise ConfigError("field 'use_bidirectional_attention' is 'all': only causal text attention is supported")
+        raise ConfigError(
+            "field 'use_bidirectional_attention' is 'all': only causal text attention is supported"
+        )
     if d.get("attention_bias"):
         raise ConfigError("field 'attention_bias' is true: Gemma 4 has no attention biases; unsupported")
     act = field("hidden_activation")
@@ -257,7 +267,9 @@ def text_spec_from_hf(cfg: Any) -> Gemma4TextSpec:
             raise ConfigError(f"field 'rope_parameters.{t}.rope_theta' must be positive, got {theta!r}")
         prf = float(p.get("partial_rotary_factor", 1.0)) if rtype == "proportional" else 1.0
         if not 0.0 <= prf <= 1.0:
-            raise ConfigError(f"field 'rope_parameters.{t}.partial_rotary_factor' must be in [0, 1], got {prf}")
+            raise ConfigError(
+                f"field 'rope_parameters.{t}.partial_rotary_factor' must be in [0, 1], got {prf}"
+            )
         factor = float(p.get("factor", 1.0)) if rtype == "proportional" else 1.0
         if factor <= 0:
             raise ConfigError(f"field 'rope_parameters.{t}.factor' must be positive, got {factor}")
@@ -272,8 +284,12 @@ def text_spec_from_hf(cfg: Any) -> Gemma4TextSpec:
     if not isinstance(eps, (int, float)) or not eps > 0:
         raise ConfigError(f"field 'rms_norm_eps' must be positive, got {eps!r}")
     softcap = d.get("final_logit_softcapping")
-    if softcap is not None and (not isinstance(softcap, (int, float)) or not softcap > 0 or math.isinf(softcap)):
-        raise ConfigError(f"field 'final_logit_softcapping' must be a positive number or null, got {softcap!r}")
+    if softcap is not None and (
+        not isinstance(softcap, (int, float)) or not softcap > 0 or math.isinf(softcap)
+    ):
+        raise ConfigError(
+            f"field 'final_logit_softcapping' must be a positive number or null, got {softcap!r}"
+        )
     dropout = d.get("attention_dropout") or 0.0
     if not 0.0 <= float(dropout) < 1.0:
         raise ConfigError(f"field 'attention_dropout' must be in [0, 1), got {dropout!r}")

@@ -67,7 +67,9 @@ def resolve_source(
     missing = sorted(expected - set(ckpt.tensors))
     unexpected = sorted(set(ckpt.tensors) - expected)
     if missing:
-        raise InvalidInputError(f"{directory}: tensor {missing[0]!r} is missing ({len(missing)} missing in total)")
+        raise InvalidInputError(
+            f"{directory}: tensor {missing[0]!r} is missing ({len(missing)} missing in total)"
+        )
     if unexpected:
         raise InvalidInputError(f"{directory}: unexpected tensor {(ckpt.prefix + unexpected[0])!r}")
     notes = [f"weights from {directory} (prefix {ckpt.prefix!r})"]
@@ -87,13 +89,22 @@ def _first(out):
 def capture_hf(model: torch.nn.Module, store: dict[str, torch.Tensor]):
     """Record the reference's activations (``[b, s, h]``) at the standard capture points."""
     m = model.model
-    hooks = [m.embed_tokens.register_forward_hook(lambda mod, i, o: store.__setitem__("embedding", o.detach().clone()))]
+    hooks = [
+        m.embed_tokens.register_forward_hook(
+            lambda mod, i, o: store.__setitem__("embedding", o.detach().clone())
+        )
+    ]
     for idx, layer in enumerate(m.layers):
         for sub, name in ((layer.self_attn, "attention"), (layer.mlp, "mlp"), (layer, "output")):
             key = f"layer.{idx}.{name}"
-            hooks.append(sub.register_forward_hook(
-                lambda mod, i, o, key=key: store.__setitem__(key, _first(o).detach().clone())))
-    hooks.append(m.norm.register_forward_hook(lambda mod, i, o: store.__setitem__("final_norm", o.detach().clone())))
+            hooks.append(
+                sub.register_forward_hook(
+                    lambda mod, i, o, key=key: store.__setitem__(key, _first(o).detach().clone())
+                )
+            )
+    hooks.append(
+        m.norm.register_forward_hook(lambda mod, i, o: store.__setitem__("final_norm", o.detach().clone()))
+    )
     try:
         yield store
     finally:
@@ -109,9 +120,14 @@ def capture_mcore(model: torch.nn.Module, store: dict[str, torch.Tensor]):
         store[key] = t.detach().transpose(0, 1).clone()
 
     layers = model.decoder.layers
-    hooks = [layers[0].register_forward_pre_hook(
-        lambda mod, args, kwargs: put("embedding", kwargs.get("hidden_states", args[0] if args else None)),
-        with_kwargs=True)]
+    hooks = [
+        layers[0].register_forward_pre_hook(
+            lambda mod, args, kwargs: put(
+                "embedding", kwargs.get("hidden_states", args[0] if args else None)
+            ),
+            with_kwargs=True,
+        )
+    ]
     for idx, layer in enumerate(layers):
         for sub, name in ((layer.self_attention, "attention"), (layer.mlp, "mlp"), (layer, "output")):
             key = f"layer.{idx}.{name}"
@@ -208,7 +224,9 @@ def run_parity(
     ref_acts["logits"], our_acts["logits"] = ref_logits.detach(), our_logits.detach()
     t_fwd = time.perf_counter() - t1
 
-    points: dict[str, TensorDiff] = {name: tensor_diff(our_acts[name], ref_acts[name]) for name in capture_order(spec)}
+    points: dict[str, TensorDiff] = {
+        name: tensor_diff(our_acts[name], ref_acts[name]) for name in capture_order(spec)
+    }
     stats = logit_stats(our_logits, ref_logits)
     logits_diff = points["logits"]
     activations_worst = max(d.scaled for n, d in points.items() if n != "logits")
@@ -224,7 +242,9 @@ def run_parity(
     if logits_diff.max_abs > tol.logits_max_abs:
         failures.append(f"logits max abs {logits_diff.max_abs:.3e} > {tol.logits_max_abs:.0e}")
     if activations_worst > tol.activations_max_scaled:
-        failures.append(f"activations max scaled error {activations_worst:.3e} > {tol.activations_max_scaled:.0e}")
+        failures.append(
+            f"activations max scaled error {activations_worst:.3e} > {tol.activations_max_scaled:.0e}"
+        )
     if tol.kl_max is not None and stats.kl_mean > tol.kl_max:
         failures.append(f"mean KL {stats.kl_mean:.3e} > {tol.kl_max:.0e}")
     if tol.argmax_min is not None and stats.argmax_agreement < tol.argmax_min:
@@ -246,14 +266,23 @@ def run_parity(
                 failures.append(f"parameter {name} got no gradient")
                 continue
             d = tensor_diff(p.grad, mapped[name])
-            grad_diffs[name] = {"max_abs": d.max_abs, "ref_max_abs": d.ref_max_abs,
-                                "scaled": d.max_abs / max(d.ref_max_abs, 1e-300)}
+            grad_diffs[name] = {
+                "max_abs": d.max_abs,
+                "ref_max_abs": d.ref_max_abs,
+                "scaled": d.max_abs / max(d.ref_max_abs, 1e-300),
+            }
         worst_name = max(grad_diffs, key=lambda n: grad_diffs[n]["scaled"]) if grad_diffs else None
         worst = grad_diffs[worst_name]["scaled"] if worst_name else 0.0
-        grad_report = {"max_scaled": worst, "worst_parameter": worst_name, "per_parameter": grad_diffs,
-                       "seconds": time.perf_counter() - t2}
+        grad_report = {
+            "max_scaled": worst,
+            "worst_parameter": worst_name,
+            "per_parameter": grad_diffs,
+            "seconds": time.perf_counter() - t2,
+        }
         if tol.grads_max_scaled is not None and worst > tol.grads_max_scaled:
-            failures.append(f"gradient of {worst_name}: scaled error {worst:.3e} > {tol.grads_max_scaled:.0e}")
+            failures.append(
+                f"gradient of {worst_name}: scaled error {worst:.3e} > {tol.grads_max_scaled:.0e}"
+            )
             if first_divergence is None:
                 first_divergence = f"gradient of {worst_name}"
 
@@ -285,5 +314,9 @@ def run_parity(
         "notes": source.notes,
         "timings_s": {"build": t_build, "forward": t_fwd},
         "versions": _versions(),
-        "_tensors": {"input_ids": ids, "megatron_logits": our_logits.detach(), "hf_logits": ref_logits.detach()},
+        "_tensors": {
+            "input_ids": ids,
+            "megatron_logits": our_logits.detach(),
+            "hf_logits": ref_logits.detach(),
+        },
     }

@@ -25,7 +25,11 @@ _COMMON: dict[str, Any] = {
     "tie_word_embeddings": True,
     "rope_parameters": {
         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
+        "full_attention": {
+            "rope_type": "proportional",
+            "partial_rotary_factor": 0.25,
+            "rope_theta": 1000000.0,
+        },
     },
     "pad_token_id": 0,
     "eos_token_id": 1,

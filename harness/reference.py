@@ -64,7 +64,9 @@ def _fp64_inv_freq(rope_params: Mapping[str, Any], head_dim: int) -> torch.Tenso
     theta = rope_params["rope_theta"]
     if rope_params.get("rope_type", "default") == "proportional":
         n_rot = int(rope_params.get("partial_rotary_factor", 1.0) * head_dim // 2)
-        rotated = 1.0 / (theta ** (torch.arange(0, 2 * n_rot, 2, dtype=torch.int64).to(torch.float64) / head_dim))
+        rotated = 1.0 / (
+            theta ** (torch.arange(0, 2 * n_rot, 2, dtype=torch.int64).to(torch.float64) / head_dim)
+        )
         inv = torch.cat([rotated, torch.zeros(head_dim // 2 - n_rot, dtype=torch.float64)])
         return inv / rope_params.get("factor", 1.0)
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
@@ -79,8 +81,9 @@ def _exact_rotary_forward(self, x: torch.Tensor, position_ids: torch.Tensor, lay
     return (emb.cos() * scaling).to(x.dtype), (emb.sin() * scaling).to(x.dtype)
 
 
-def _exact_eager_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None,
-                           **kwargs):
+def _exact_eager_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kwargs
+):
     # transformers' eager_attention_forward with the softmax in the query dtype instead of fp32.
     from transformers.models.gemma4.modeling_gemma4 import repeat_kv
 
@@ -116,7 +119,9 @@ def make_exact_fp64(model: torch.nn.Module) -> None:
             module.forward = types.MethodType(_exact_rmsnorm_forward, module)
         elif isinstance(module, Gemma4TextRotaryEmbedding):
             module._fp64_inv_freq = {
-                t: _fp64_inv_freq(module.config.rope_parameters[t], module.config.per_layer_config[t].head_dim)
+                t: _fp64_inv_freq(
+                    module.config.rope_parameters[t], module.config.per_layer_config[t].head_dim
+                )
                 for t in module.rope_init_fns
             }
             module.forward = types.MethodType(_exact_rotary_forward, module)
@@ -156,7 +161,9 @@ def build_reference_model(
         missing = sorted(k for k in own if k not in full)
         unexpected = sorted(k for k in full if k not in own)
         if missing or unexpected:
-            raise InvalidInputError(f"HF weights do not match the config: missing {missing}, unexpected {unexpected}")
+            raise InvalidInputError(
+                f"HF weights do not match the config: missing {missing}, unexpected {unexpected}"
+            )
         with torch.no_grad():
             for k, t in own.items():
                 if tuple(full[k].shape) != tuple(t.shape):

@@ -63,19 +63,21 @@ FP32_STOCK = Tolerance(
     ),
 )
 
-BF16_STOCK = Tolerance(
-    name="bf16-stock-cross-framework",
-    logits_max_abs=0.5,
-    activations_max_scaled=0.1,
+BF16_CPU_MIRRORED = Tolerance(
+    name="bf16-cpu-mirrored",
+    logits_max_abs=2.0**-5,
+    activations_max_scaled=2.0**-9,
     grads_max_scaled=None,
-    kl_max=5e-3,
-    argmax_min=0.9,
+    kl_max=1e-6,
+    argmax_min=None,
     why=(
-        "bf16 weights and activations on both sides (8-bit mantissa, epsilon 7.8e-3), HF's fp32 RMSNorm/RoPE/"
-        "softmax mirrored, embedding scale rounded like HF. Rounding of differently-packed GEMMs compounds "
-        "through the layers; gate on the distribution (mean KL of log-probs, argmax agreement) and a loose "
-        "logit bound, far below Megatron-Bridge's published 3.0 and sensitive to a missing softcap or a wrong "
-        "embedding scale."
+        "bf16 weights and activations on both sides, on the same torch CPU kernels, with HF's fp32 RMSNorm/"
+        "RoPE/softmax and its bf16-rounded embedding scale mirrored op for op. Measured max |Δ| = 0.0 "
+        "(logits and all activations) on both presets and 60 hypothesis configs. The bounds admit less than "
+        "one bf16 rounding flip near the top of each tensor's range (an ulp is 2^-8 relative; 1/8 for logits "
+        "in [16, 30)), so a single differently-rounded op shows: e.g. multiplying by the Python float sqrt(H) "
+        "instead of bf16(sqrt(H)) gives 0.5 on logits and 4.4e-3 scaled on the embedding (tiny-12b). GPU bf16 "
+        "runs different kernels on each side and gets its own policy."
     ),
 )
 
@@ -87,5 +89,5 @@ def tolerance_for(dtype: torch.dtype) -> Tolerance:
     if dtype == torch.float32:
         return FP32_STOCK
     if dtype == torch.bfloat16:
-        return BF16_STOCK
+        return BF16_CPU_MIRRORED
     raise ValueError(f"no tolerance policy for dtype {dtype}")

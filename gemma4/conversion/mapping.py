@@ -46,14 +46,20 @@ UNTIED_HEAD_RULE = Rule(("lm_head.weight",), "output_layer.weight")  # HF name i
 LAYER_RULES: tuple[Rule, ...] = (
     Rule(("layers.{L}.input_layernorm.weight",), "decoder.layers.{L}.input_layernorm.weight"),
     Rule(
-        ("layers.{L}.self_attn.q_proj.weight", "layers.{L}.self_attn.k_proj.weight", "layers.{L}.self_attn.v_proj.weight"),
+        (
+            "layers.{L}.self_attn.q_proj.weight",
+            "layers.{L}.self_attn.k_proj.weight",
+            "layers.{L}.self_attn.v_proj.weight",
+        ),
         "decoder.layers.{L}.self_attention.linear_qkv.weight",
         "qkv",
     ),
     Rule(("layers.{L}.self_attn.q_norm.weight",), "decoder.layers.{L}.self_attention.q_layernorm.weight"),
     Rule(("layers.{L}.self_attn.k_norm.weight",), "decoder.layers.{L}.self_attention.k_layernorm.weight"),
     Rule(("layers.{L}.self_attn.o_proj.weight",), "decoder.layers.{L}.self_attention.linear_proj.weight"),
-    Rule(("layers.{L}.post_attention_layernorm.weight",), "decoder.layers.{L}.post_self_attn_layernorm.weight"),
+    Rule(
+        ("layers.{L}.post_attention_layernorm.weight",), "decoder.layers.{L}.post_self_attn_layernorm.weight"
+    ),
     Rule(("layers.{L}.pre_feedforward_layernorm.weight",), "decoder.layers.{L}.pre_mlp_layernorm.weight"),
     Rule(
         ("layers.{L}.mlp.gate_proj.weight", "layers.{L}.mlp.up_proj.weight"),
@@ -74,8 +80,10 @@ def pack_qkv(
 ) -> torch.Tensor:
     """HF q/k/v projections -> Megatron ``linear_qkv`` (per-group interleaved; no V slot when v is None)."""
     hidden = q.shape[-1]
-    groups = [q.reshape(num_kv_heads, (num_heads // num_kv_heads) * head_dim, hidden),
-              k.reshape(num_kv_heads, head_dim, hidden)]
+    groups = [
+        q.reshape(num_kv_heads, (num_heads // num_kv_heads) * head_dim, hidden),
+        k.reshape(num_kv_heads, head_dim, hidden),
+    ]
     if v is not None:
         groups.append(v.reshape(num_kv_heads, head_dim, hidden))
     return torch.cat(groups, dim=1).reshape(-1, hidden)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.attention import SelfAttention
 
 from gemma4.config import SLIDING
 from gemma4.model import rope
@@ -178,6 +178,11 @@ class Gemma4SelfAttention(SelfAttention):
         key = rope.apply_rotary(key, cos, sin)
 
         core = self.core_attention(
-            query, key, value, attention_mask, attn_mask_type=self.attn_mask_type, packed_seq_params=packed_seq_params
+            query,
+            key,
+            value,
+            attention_mask,
+            attn_mask_type=self.attn_mask_type,
+            packed_seq_params=packed_seq_params,
         )
         return self.linear_proj(core)

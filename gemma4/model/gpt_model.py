@@ -4,6 +4,8 @@
   the weight dtype, so bf16 models multiply by bf16(sqrt(H)), e.g. 73.5 for H = 5376; facts §2.1).
 * RoPE: ``position_embedding_type="none"`` for Megatron; this model computes the angles of both layer
   types once per forward and hands them to every layer as ``rotary_pos_emb`` (see ``gemma4.model.rope``).
+* Padding row: HF's embedding is ``nn.Embedding(padding_idx=pad_token_id)``, so the lookup of a pad token
+  sends no gradient into that row; we cut the same gradient (the forward value is unchanged).
 * Head: tied output layer (Megatron's ``share_embeddings_and_output_weights``), then
   ``c * tanh(logits / c)`` applied once, before any loss (facts §6.12).
 """
@@ -69,19 +71,39 @@ class Gemma4Model(GPTModel):
         scale_embeddings = decoder_input is None and self.pre_process
         out = list(super()._preprocess(input_ids, position_ids, decoder_input=decoder_input, **kwargs))
         if scale_embeddings:
-            emb = out[0]
-            out[0] = emb * embedding_scale(self.config.hidden_size, self.embedding.word_embeddings.weight.dtype)
+            emb = out[0] * embedding_scale(
+                self.config.hidden_size, self.embedding.word_embeddings.weight.dtype
+            )
+            out[0] = self._cut_padding_gradient(emb, input_ids)
         if position_ids is None:
             seq_len = input_ids.shape[1]
             position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0)
         out[1] = rope.rope_angles(self.gemma4, position_ids, self.config.params_dtype)
         return tuple(out)
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None, decoder_input=None, labels=None,
-                **kwargs):
+    def _cut_padding_gradient(self, emb: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """``emb`` is ``[s(/tp under SP), b, h]``; positions holding ``pad_token_id`` get a detached value."""
+        pad = self.gemma4.pad_token_id
+        if pad is None or not emb.requires_grad:
+            return emb
+        is_pad = (input_ids == pad).transpose(0, 1)  # [s, b]
+        if self.config.sequence_parallel:
+            from megatron.core import parallel_state
+
+            chunk = emb.shape[0]
+            rank = parallel_state.get_tensor_model_parallel_rank()
+            is_pad = is_pad[rank * chunk : (rank + 1) * chunk]
+        if not bool(is_pad.any()):
+            return emb
+        return torch.where(is_pad.unsqueeze(-1), emb.detach(), emb)
+
+    def forward(
+        self, input_ids, position_ids=None, attention_mask=None, decoder_input=None, labels=None, **kwargs
+    ):
         """Like ``GPTModel.forward``; logits come back ``[b, s, V]`` softcapped, or the loss ``[b, s]``."""
-        output = super().forward(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
-                                 labels=None, **kwargs)
+        output = super().forward(
+            input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=None, **kwargs
+        )
         if not self.post_process:
             return output
         logits = softcap(output, self.gemma4.final_logit_softcapping)

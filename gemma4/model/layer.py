@@ -14,7 +14,6 @@ buffer (loaded from the checkpoint; never assumed to be 1), and gives each layer
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 from megatron.core.transformer.identity_op import IdentityOp
@@ -28,15 +27,22 @@ from gemma4.model.transformer_config import config_for_layer
 class Gemma4TransformerLayerSubmodules(TransformerLayerSubmodules):
     """Megatron's layer submodules plus Gemma 4's post-attention and post-MLP norms."""
 
-    post_self_attn_layernorm: Union[ModuleSpec, type] = IdentityOp
-    post_mlp_layernorm: Union[ModuleSpec, type] = IdentityOp
+    post_self_attn_layernorm: ModuleSpec | type = IdentityOp
+    post_mlp_layernorm: ModuleSpec | type = IdentityOp
 
 
 class Gemma4TransformerLayer(TransformerLayer):
     """One Gemma 4 decoder layer; ``layer_index`` (0-based, global) selects its type and geometry."""
 
-    def __init__(self, config, submodules: Gemma4TransformerLayerSubmodules, layer_number: int = 1, *,
-                 layer_index: int, **kwargs) -> None:
+    def __init__(
+        self,
+        config,
+        submodules: Gemma4TransformerLayerSubmodules,
+        layer_number: int = 1,
+        *,
+        layer_index: int,
+        **kwargs,
+    ) -> None:
         layer_config = config_for_layer(config, layer_index)
         super().__init__(layer_config, submodules, layer_number, **kwargs)
         self.layer_index = layer_index

@@ -1,0 +1,103 @@
+"""``gemma4-harness parity``: our Megatron model against HF on a preset, a config or a checkpoint.
+
+Exit 0 when parity holds, 1 when it does not, 2 for invalid input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the ``parity`` subcommand."""
+    p = sub.add_parser("parity", help="compare our Megatron-Core Gemma 4 with HF transformers")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="built-in tiny preset (tiny-31b, tiny-12b)")
+    src.add_argument("--hf-config", type=Path, help="HF config.json; weights are random (seeded)")
+    src.add_argument("--hf-checkpoint", type=Path, help="HF directory: config.json + safetensors")
+    p.add_argument("--dtype", default="float64", choices=["float64", "float32", "bfloat16"])
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grads", action="store_true", help="also compare every parameter's gradient")
+    p.add_argument("--dump", type=Path, help="write inputs/megatron/hf safetensors into this directory")
+    p.add_argument("--json", type=Path, help="write the result as JSON")
+    p.set_defaults(func=run)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_dump(directory: Path, tensors: dict[str, Any]) -> None:
+    """``inputs.safetensors`` (input_ids), ``megatron.safetensors`` and ``hf.safetensors`` (logits)."""
+    from safetensors.torch import save
+
+    files = {
+        "inputs.safetensors": {"input_ids": tensors["input_ids"]},
+        "megatron.safetensors": {"logits": tensors["megatron_logits"]},
+        "hf.safetensors": {"logits": tensors["hf_logits"]},
+    }
+    for name, content in files.items():
+        _atomic_write_bytes(directory / name, save({k: v.contiguous() for k, v in content.items()}))
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    """A short human-readable report."""
+    m = result["metrics"]
+    tol = result["tolerance"]
+    lines = [
+        f"parity {result['source']}  dtype={result['dtype']}  batch={result['batch']} seq={result['seq_len']}"
+        f"  seed={result['seed']}  tolerance={tol['name']}",
+        f"  logits      max|d|={m['logits']['max_abs']:.3e} (<= {tol['logits_max_abs']:.0e})"
+        f"  max rel={m['logits']['max_rel']:.3e}",
+        f"  activations max scaled={m['activations_max_scaled']:.3e} (<= {tol['activations_max_scaled']:.0e})",
+        f"  log-probs   KL mean={m['kl_mean']:.3e} max={m['kl_max']:.3e}  argmax agreement="
+        f"{m['argmax_agreement']:.4f}  max|d logprob|={m['max_abs_logprob']:.3e}",
+    ]
+    if m["grads_max_scaled"] is not None:
+        lines.append(
+            f"  gradients   max scaled={m['grads_max_scaled']:.3e}  (worst: {result['grads']['worst_parameter']})"
+        )
+    for note in result["notes"]:
+        lines.append(f"  note: {note}")
+    if result["pass"]:
+        lines.append("PASS")
+    else:
+        lines.append(f"FAIL: first divergence at {result['first_divergence']}")
+        lines += [f"  - {f}" for f in result["failures"]]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the parity check; exit code 0/1 (2 is raised as InvalidInputError)."""
+    import torch
+
+    from harness.parity import DTYPES, resolve_source, run_parity
+
+    source = resolve_source(args.preset, args.hf_config, args.hf_checkpoint)
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    result = run_parity(
+        source, DTYPES[args.dtype], batch=args.batch, seq_len=args.seq_len, seed=args.seed, grads=args.grads
+    )
+    tensors = result.pop("_tensors")
+    if args.dump:
+        write_dump(args.dump, tensors)
+    if args.json:
+        _atomic_write_bytes(args.json, (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
+    print(format_summary(result), file=sys.stdout)
+    return 0 if result["pass"] else 1

@@ -1,0 +1,121 @@
+"""Config translation: every HF config form gives the same spec; bad configs name the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import Gemma4Config, Gemma4TextConfig
+
+from gemma4.config import FULL, SLIDING, text_spec_from_any
+from gemma4.errors import ConfigError
+from harness.presets import PRESETS, preset_config_dict
+
+S, F = SLIDING, FULL
+
+
+def _old_schema() -> dict:
+    return preset_config_dict("tiny-31b")
+
+
+def _new_schema() -> dict:
+    """What transformers >= 5.15 writes: per_layer_config, no global_head_dim."""
+    cfg = Gemma4TextConfig(**{k: v for k, v in _old_schema().items() if k != "model_type"})
+    return json.loads(cfg.to_json_string())
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_all_forms_agree(name, tmp_path):
+    """Catches: reading config.head_dim for full layers, losing the global KV-head override, wrong text_config."""
+    d = preset_config_dict(name)
+    obj = Gemma4TextConfig(**{k: v for k, v in d.items() if k != "model_type"})
+    specs = [
+        text_spec_from_any(d),
+        text_spec_from_any(obj),
+        text_spec_from_any(Gemma4Config(text_config=obj)),
+    ]
+    new = json.loads(obj.to_json_string())
+    assert "per_layer_config" in new and "global_head_dim" not in new
+    specs.append(text_spec_from_any(new))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma4", "text_config": new}))
+    specs.append(text_spec_from_any(tmp_path))
+    specs.append(text_spec_from_any(tmp_path / "config.json"))
+    assert all(s == specs[0] for s in specs)
+    s = specs[0]
+    for i, t in enumerate(s.layer_types):
+        assert s.head_dims[i] == (d["global_head_dim"] if t == F else d["head_dim"])
+        assert s.num_kv_heads[i] == (d["num_global_key_value_heads"] if t == F else d["num_key_value_heads"])
+        assert s.has_v_proj(i) == (t == S)
+
+
+def test_global_kv_override_only_with_k_eq_v():
+    """HF applies num_global_key_value_heads only when attention_k_eq_v is true (facts §6.11)."""
+    d = _old_schema() | {"attention_k_eq_v": False}
+    s = text_spec_from_any(d)
+    assert {s.num_kv_heads[i] for i, t in enumerate(s.layer_types) if t == F} == {d["num_key_value_heads"]}
+    assert all(s.has_v_proj(i) for i in range(s.num_layers))
+
+
+def test_new_schema_roundtrip_matches_old():
+    assert text_spec_from_any(_new_schema()) == text_spec_from_any(_old_schema())
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"hidden_size_per_layer_input": 256}, "hidden_size_per_layer_input"),
+        ({"num_kv_shared_layers": 2}, "num_kv_shared_layers"),
+        (
+            {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 8},
+            "enable_moe_block",
+        ),
+        ({"hidden_activation": "gelu"}, "hidden_activation"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"use_bidirectional_attention": "all"}, "use_bidirectional_attention"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads"),
+        ({"head_dim": 15}, "head_dim"),
+        ({"final_logit_softcapping": -1.0}, "final_logit_softcapping"),
+        ({"rms_norm_eps": 0.0}, "rms_norm_eps"),
+        ({"sliding_window": 0}, "sliding_window"),
+        (
+            {
+                "rope_parameters": {
+                    S: {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0},
+                    F: {"rope_type": "default", "rope_theta": 1e6},
+                }
+            },
+            "rope_type",
+        ),
+        (
+            {"rope_parameters": {S: {"rope_type": "default", "rope_theta": 1e4}}},
+            "rope_parameters.full_attention",
+        ),
+        ({"layer_types": [S, F]}, "layer_types"),
+        ({"vocab_size": 0}, "vocab_size"),
+    ],
+)
+def test_bad_configs_name_the_field(change, field):
+    """Every refusal names the offending field (a user can fix it without reading our code)."""
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        text_spec_from_any(_old_schema() | change)
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        text_spec_from_any(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="config.json"):
+        text_spec_from_any(tmp_path)
+
+
+def test_wrong_model_type():
+    with pytest.raises(ConfigError, match="model_type"):
+        text_spec_from_any(_old_schema() | {"model_type": "llama"})
+
+
+def test_head_dim_attribute_raises_in_new_transformers():
+    """Guard for facts §6.10: our code must never read config.head_dim (it raises on >= 5.15)."""
+    cfg = Gemma4TextConfig(**{k: v for k, v in _old_schema().items() if k != "model_type"})
+    with pytest.raises(RuntimeError):
+        _ = cfg.head_dim
+    text_spec_from_any(cfg)  # and yet the spec builds

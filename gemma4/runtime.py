@@ -14,6 +14,9 @@ def init_single_process(tensor_model_parallel_size: int = 1) -> None:
     """
     from megatron.core import parallel_state
 
+    from gemma4.cpu_shims import install_cpu_shims
+
+    install_cpu_shims()
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():

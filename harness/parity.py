@@ -10,6 +10,7 @@ so the first point that exceeds the tolerance localises a bug to a layer and sub
 
 from __future__ import annotations
 
+import itertools
 import platform
 import time
 from contextlib import contextmanager
@@ -159,18 +160,86 @@ def describe_point(spec: Gemma4TextSpec, name: str) -> str:
 # ---- the run ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class RunLayout:
+    """How our model is run: tensor/context parallel sizes, sequence parallelism, packed documents."""
+
+    tp: int = 1
+    cp: int = 1
+    sequence_parallel: bool = False
+    packed: tuple[int, ...] | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.cp
+
+    @property
+    def name(self) -> str:
+        parts = [f"tp{self.tp}" + ("+sp" if self.sequence_parallel else "")]
+        if self.cp > 1:
+            parts.append(f"cp{self.cp}")
+        if self.packed:
+            parts.append("packed[" + ",".join(map(str, self.packed)) + "]")
+        return "-".join(parts)
+
+
+def validate_layout(spec: Gemma4TextSpec, layout: RunLayout, batch: int, seq_len: int) -> None:
+    """Refuse layouts the model cannot run, naming the flag (exit 2 in the CLI)."""
+    if layout.tp < 1 or layout.cp < 1:
+        raise InvalidInputError(f"--tp and --cp must be >= 1 (got {layout.tp}, {layout.cp})")
+    if layout.world_size > 8:
+        raise InvalidInputError(f"--tp x --cp = {layout.world_size} processes; at most 8 on a CPU machine")
+    tp = layout.tp
+    for name, value in (
+        ("num_attention_heads", spec.num_attention_heads),
+        ("vocab_size", spec.vocab_size),
+        ("intermediate_size", spec.intermediate_size),
+    ):
+        if value % tp:
+            raise InvalidInputError(f"--tp {tp} does not divide {name} = {value}")
+    for i, nkv in enumerate(spec.num_kv_heads):
+        if (nkv >= tp and nkv % tp) or (nkv < tp and tp % nkv):
+            raise InvalidInputError(f"--tp {tp}: layer {i} has {nkv} KV heads; one must divide the other")
+    if layout.sequence_parallel and tp == 1:
+        raise InvalidInputError("--sequence-parallel needs --tp > 1")
+    lengths = list(layout.packed) if layout.packed else [seq_len]
+    if layout.packed and any(n < 2 for n in lengths):
+        raise InvalidInputError(f"--packed: every document needs >= 2 tokens, got {lengths}")
+    for n in lengths:
+        if layout.cp > 1 and n % (2 * layout.cp):
+            flag = "--packed" if layout.packed else "--seq-len"
+            raise InvalidInputError(f"{flag}: length {n} is not divisible by 2*cp = {2 * layout.cp}")
+    local = sum(lengths) // layout.cp
+    if layout.sequence_parallel and local % tp:
+        raise InvalidInputError(f"--sequence-parallel: {local} tokens per CP rank not divisible by --tp {tp}")
+
+
 def make_inputs(spec: Gemma4TextSpec, batch: int, seq_len: int, seed: int) -> torch.Tensor:
     """Seeded random token ids ``[batch, seq_len]``."""
     gen = torch.Generator().manual_seed(seed + 1)
     return torch.randint(0, spec.vocab_size, (batch, seq_len), generator=gen)
 
 
-def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross entropy, computed identically for both sides (in fp64 for fp64 runs)."""
+def cu_seqlens_of(lengths: list[int]) -> torch.Tensor:
+    """``[0, L1, L1 + L2, ...]`` as int32 (Megatron's ``cu_seqlens``)."""
+    return torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32)
+
+
+def next_token_labels(ids: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    """Next token within the same document; -100 on each document's last token."""
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = ids[:, 1:]
+    for end in cu[1:].tolist():
+        labels[:, end - 1] = -100
+    return labels
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross entropy (computed in fp32, fp64 for fp64 runs), same code for both sides."""
     cdt = torch.promote_types(logits.dtype, torch.float32)
     v = logits.shape[-1]
     return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, v).to(cdt), input_ids[:, 1:].reshape(-1), reduction="sum"
+        logits.reshape(-1, v).to(cdt), labels.reshape(-1), ignore_index=-100, reduction="sum"
     )
 
 
@@ -186,6 +255,141 @@ def _versions() -> dict[str, str]:
     }
 
 
+# ---- the two sides ---------------------------------------------------------------------------------------
+
+
+def run_reference(hf: torch.nn.Module, ids: torch.Tensor, cu: torch.Tensor, packed: bool, grads: bool):
+    """HF logits and activations ``[b, S, ...]``; a packed row runs each document alone (then concatenated)."""
+    acts: dict[str, torch.Tensor] = {}
+    with torch.set_grad_enabled(grads):
+        if not packed:
+            with capture_hf(hf, acts):
+                logits = hf(input_ids=ids, use_cache=False).logits
+        else:
+            per_doc, doc_acts = [], []
+            for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+                store: dict[str, torch.Tensor] = {}
+                with capture_hf(hf, store):
+                    per_doc.append(hf(input_ids=ids[:, start:end], use_cache=False).logits)
+                doc_acts.append(store)
+            logits = torch.cat(per_doc, dim=1)
+            acts = {k: torch.cat([d[k] for d in doc_acts], dim=1) for k in doc_acts[0]}
+        if grads:
+            lm_loss(logits, next_token_labels(ids, cu)).backward()
+    acts["logits"] = logits.detach()
+    return logits, acts
+
+
+def _finalize_grads(model: torch.nn.Module, config) -> None:
+    """What Megatron's finalize_model_grads does for these grads: sum over CP (DDP over dp x cp) for every
+    parameter, and over TP for sequence-parallel norm weights and q/k layernorms (each rank saw part)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        if ps.get_context_parallel_world_size() > 1:
+            dist.all_reduce(p.grad, group=ps.get_context_parallel_group())
+        if ps.get_tensor_model_parallel_world_size() > 1 and (
+            (config.sequence_parallel and getattr(p, "sequence_parallel", False))
+            or "q_layernorm" in name
+            or "k_layernorm" in name
+        ):
+            dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
+
+
+def run_megatron_rank(
+    rank: int,
+    world: int,
+    spec: Gemma4TextSpec,
+    dtype: torch.dtype,
+    full_weights: dict[str, torch.Tensor],
+    ids: torch.Tensor,
+    cu: torch.Tensor,
+    layout: RunLayout,
+    ref_grads: dict[str, torch.Tensor] | None,
+) -> dict[str, Any]:
+    """Our side on one rank (or the single process): local activations, logits, gradient errors."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from gemma4.model.build import build_gemma4_model
+    from gemma4.model.sequence_layout import shard_for_cp
+    from gemma4.parallel import load_full_state_dict, shard_like
+
+    tp_rank, cp_rank = ps.get_tensor_model_parallel_rank(), ps.get_context_parallel_rank()
+    model = build_gemma4_model(
+        spec,
+        dtype,
+        tensor_model_parallel_size=layout.tp,
+        context_parallel_size=layout.cp,
+        sequence_parallel=layout.sequence_parallel,
+    )
+    load_full_state_dict(model, full_weights, tp_rank, layout.tp)
+    model.eval()
+    local_ids = shard_for_cp(ids, cu, layout.cp, cp_rank)
+    local_labels = shard_for_cp(next_token_labels(ids, cu), cu, layout.cp, cp_rank)
+    packed = None
+    if layout.packed:
+        packed = PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=cu,
+            cu_seqlens_kv=cu,
+            max_seqlen_q=int((cu[1:] - cu[:-1]).max()),
+            max_seqlen_kv=int((cu[1:] - cu[:-1]).max()),
+        )
+    acts: dict[str, torch.Tensor] = {}
+    grads = ref_grads is not None
+    with torch.set_grad_enabled(grads), capture_mcore(model, acts):
+        logits = model(local_ids, packed_seq_params=packed)
+        if layout.tp > 1:
+            logits = gather_from_tensor_model_parallel_region(logits)
+    out: dict[str, Any] = {"tp_rank": tp_rank, "cp_rank": cp_rank, "acts": acts, "logits": logits.detach()}
+    if grads:
+        lm_loss(logits, local_labels).backward()
+        _finalize_grads(model, model.config)
+        diffs, missing = {}, []
+        for name, p in model.named_parameters():
+            if p.grad is None:
+                missing.append(name)
+                continue
+            d = tensor_diff(p.grad, shard_like(ref_grads[name], p, tp_rank, layout.tp))
+            diffs[name] = {
+                "max_abs": d.max_abs,
+                "ref_max_abs": d.ref_max_abs,
+                "scaled": d.max_abs / max(d.ref_max_abs, 1e-300),
+            }
+        out["grad_diffs"], out["missing_grads"] = diffs, missing
+    return out
+
+
+def _assemble(results: list[dict[str, Any]], layout: RunLayout, cu: torch.Tensor):
+    """Full-sequence activations and logits from every rank's local pieces."""
+    from gemma4.model.sequence_layout import unshard_from_cp
+
+    by_cp: dict[int, list[dict[str, Any]]] = {}
+    for r in results:
+        by_cp.setdefault(r["cp_rank"], []).append(r)
+    acts_per_cp, logits_per_cp = [], []
+    for cp_rank in range(layout.cp):
+        ranks = sorted(by_cp[cp_rank], key=lambda r: r["tp_rank"])
+        if layout.sequence_parallel:  # activations are sequence-sharded over TP, contiguous chunks
+            acts = {k: torch.cat([r["acts"][k] for r in ranks], dim=1) for k in ranks[0]["acts"]}
+        else:
+            acts = ranks[0]["acts"]
+        acts_per_cp.append(acts)
+        logits_per_cp.append(ranks[0]["logits"])
+    acts = {k: unshard_from_cp([a[k] for a in acts_per_cp], cu) for k in acts_per_cp[0]}
+    logits = unshard_from_cp(logits_per_cp, cu)
+    acts["logits"] = logits
+    return logits, acts
+
+
+# ---- the run ---------------------------------------------------------------------------------------------
+
+
 def run_parity(
     source: ParitySource,
     dtype: torch.dtype = torch.float64,
@@ -195,34 +399,55 @@ def run_parity(
     seed: int = 0,
     grads: bool = False,
     tolerance: Tolerance | None = None,
+    layout: RunLayout | None = None,
+    timeout: float = 300.0,
 ) -> dict[str, Any]:
-    """Build both models, run them on the same ids, compare. Returns the JSON-ready result dict."""
-    from gemma4.conversion.mapping import hf_to_mcore, load_hf_into_mcore
-    from gemma4.model.build import build_gemma4_model
+    """Build both models, run them on the same ids, compare. Returns the JSON-ready result dict.
+
+    ``layout`` runs our side with TP/CP (forked gloo processes) and/or one packed row of documents; the
+    reference always runs unsharded, a packed row one document at a time.
+    """
+    from gemma4.conversion.mapping import hf_to_mcore
+    from gemma4.runtime import init_single_process
+    from harness.distributed import Parallelism, run_distributed
     from harness.reference import build_reference_model, hf_text_state_dict
 
+    layout = layout or RunLayout()
+    if layout.packed:
+        batch, seq_len = 1, sum(layout.packed)
     if batch < 1 or seq_len < 2:
         raise InvalidInputError(f"--batch must be >= 1 and --seq-len >= 2 (got {batch}, {seq_len})")
-    tol = tolerance or tolerance_for(dtype)
     spec = source.spec
+    validate_layout(spec, layout, batch, seq_len)
+    tol = tolerance or tolerance_for(dtype)
     t0 = time.perf_counter()
     hf = build_reference_model(source.hf_config, dtype, seed=seed, weights=source.weights)
     hf_weights = hf_text_state_dict(hf)
-    ours = build_gemma4_model(spec, dtype)
-    load_hf_into_mcore(ours, hf_weights, spec)
-    ours.eval()
+    full_weights = hf_to_mcore(hf_weights, spec)
     ids = make_inputs(spec, batch, seq_len, seed)
-    t_build = time.perf_counter() - t0
+    cu = cu_seqlens_of(list(layout.packed) if layout.packed else [seq_len])
 
-    ref_acts: dict[str, torch.Tensor] = {}
-    our_acts: dict[str, torch.Tensor] = {}
+    ref_logits, ref_acts = run_reference(hf, ids, cu, bool(layout.packed), grads)
+    ref_grads = None
+    if grads:
+        named = dict(hf.named_parameters())
+        hf_grads = {}
+        for k, v in hf_weights.items():
+            param = named.get(("" if k.startswith("lm_head.") else "model.") + k)
+            hf_grads[k] = param.grad if param is not None else torch.zeros_like(v)
+        ref_grads = hf_to_mcore(hf_grads, spec)
+    t_ref = time.perf_counter() - t0
+
     t1 = time.perf_counter()
-    with torch.set_grad_enabled(grads), capture_hf(hf, ref_acts):
-        ref_logits = hf(input_ids=ids, use_cache=False).logits
-    with torch.set_grad_enabled(grads), capture_mcore(ours, our_acts):
-        our_logits = ours(ids)
-    ref_acts["logits"], our_acts["logits"] = ref_logits.detach(), our_logits.detach()
-    t_fwd = time.perf_counter() - t1
+    args = (spec, dtype, full_weights, ids, cu, layout, ref_grads)
+    if layout.world_size == 1:
+        init_single_process()
+        results = [run_megatron_rank(0, 1, *args)]
+    else:
+        par = Parallelism(tp=layout.tp, cp=layout.cp, sequence_parallel=layout.sequence_parallel)
+        results = run_distributed(run_megatron_rank, par, *args, timeout=timeout)
+    our_logits, our_acts = _assemble(results, layout, cu)
+    t_ours = time.perf_counter() - t1
 
     points: dict[str, TensorDiff] = {
         name: tensor_diff(our_acts[name], ref_acts[name]) for name in capture_order(spec)
@@ -252,33 +477,18 @@ def run_parity(
 
     grad_report: dict[str, Any] | None = None
     if grads:
-        t2 = time.perf_counter()
-        lm_loss(ref_logits, ids).backward()
-        lm_loss(our_logits, ids).backward()
-        hf_grads = {}
-        for k, v in hf_weights.items():
-            param = dict(hf.named_parameters()).get(("" if k.startswith("lm_head.") else "model.") + k)
-            hf_grads[k] = param.grad if param is not None else torch.zeros_like(v)
-        mapped = hf_to_mcore(hf_grads, spec)
-        grad_diffs = {}
-        for name, p in ours.named_parameters():
-            if p.grad is None:
-                failures.append(f"parameter {name} got no gradient")
-                continue
-            d = tensor_diff(p.grad, mapped[name])
-            grad_diffs[name] = {
-                "max_abs": d.max_abs,
-                "ref_max_abs": d.ref_max_abs,
-                "scaled": d.max_abs / max(d.ref_max_abs, 1e-300),
-            }
-        worst_name = max(grad_diffs, key=lambda n: grad_diffs[n]["scaled"]) if grad_diffs else None
-        worst = grad_diffs[worst_name]["scaled"] if worst_name else 0.0
-        grad_report = {
-            "max_scaled": worst,
-            "worst_parameter": worst_name,
-            "per_parameter": grad_diffs,
-            "seconds": time.perf_counter() - t2,
-        }
+        per_param: dict[str, dict[str, float]] = {}
+        for r in results:
+            for name in r["missing_grads"]:
+                failures.append(
+                    f"parameter {name} got no gradient (tp rank {r['tp_rank']}, cp rank {r['cp_rank']})"
+                )
+            for name, d in r["grad_diffs"].items():
+                key = name if layout.world_size == 1 else f"{name}@tp{r['tp_rank']}cp{r['cp_rank']}"
+                per_param[key] = d
+        worst_name = max(per_param, key=lambda n: per_param[n]["scaled"]) if per_param else None
+        worst = per_param[worst_name]["scaled"] if worst_name else 0.0
+        grad_report = {"max_scaled": worst, "worst_parameter": worst_name, "per_parameter": per_param}
         if tol.grads_max_scaled is not None and worst > tol.grads_max_scaled:
             failures.append(
                 f"gradient of {worst_name}: scaled error {worst:.3e} > {tol.grads_max_scaled:.0e}"
@@ -296,6 +506,13 @@ def run_parity(
         "batch": batch,
         "seq_len": seq_len,
         "seed": seed,
+        "layout": {
+            "name": layout.name,
+            "tp": layout.tp,
+            "cp": layout.cp,
+            "sequence_parallel": layout.sequence_parallel,
+            "packed": list(layout.packed) if layout.packed else None,
+        },
         "metrics": {
             "logits": logits_diff.to_json(),
             "kl_mean": stats.kl_mean,
@@ -312,10 +529,11 @@ def run_parity(
         "grads": grad_report,
         "config": spec.to_json_dict(),
         "notes": source.notes,
-        "timings_s": {"build": t_build, "forward": t_fwd},
+        "timings_s": {"reference": t_ref, "megatron": t_ours},
         "versions": _versions(),
         "_tensors": {
             "input_ids": ids,
+            "cu_seqlens": cu if layout.packed else None,
             "megatron_logits": our_logits.detach(),
             "hf_logits": ref_logits.detach(),
         },

@@ -17,7 +17,8 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from gemma4.config import SLIDING, Gemma4TextSpec
-from gemma4.model.attention import Gemma4CoreAttention, Gemma4SelfAttention, KEqVColumnParallelLinear
+from gemma4.model.attention import Gemma4SelfAttention, KEqVColumnParallelLinear
+from gemma4.model.core_attention import Gemma4CoreAttention
 from gemma4.model.layer import Gemma4TransformerLayer, Gemma4TransformerLayerSubmodules
 from gemma4.model.norms import Gemma4RMSNorm
 

@@ -28,6 +28,8 @@ class Gemma4TransformerConfig(TransformerConfig):
 
     gemma4: Gemma4TextSpec | None = field(default=None, repr=False)
     layer_type: str | None = None
+    # Core-attention path: "auto", "dense", "blockwise" or "flash" (see gemma4.model.core_attention).
+    gemma4_attention_backend: str = "auto"
 
 
 def make_transformer_config(
@@ -35,6 +37,7 @@ def make_transformer_config(
     dtype: torch.dtype = torch.float32,
     *,
     tensor_model_parallel_size: int = 1,
+    context_parallel_size: int = 1,
     sequence_parallel: bool = False,
     **overrides,
 ) -> Gemma4TransformerConfig:
@@ -70,6 +73,7 @@ def make_transformer_config(
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         tensor_model_parallel_size=tensor_model_parallel_size,
+        context_parallel_size=context_parallel_size,
         sequence_parallel=sequence_parallel,
         gemma4=spec,
         layer_type=None,

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import gemma4.conversion.mapping as mapping
 import gemma4.model.attention as attention
+import gemma4.model.core_attention as core_attention
 import gemma4.model.gpt_model as gpt_model
 import gemma4.model.layer as layer
 import gemma4.model.norms as norms
@@ -21,11 +22,11 @@ from harness.parity import resolve_source, run_parity
 
 
 def window_off_by_one(mp):
-    orig = attention.sliding_window_mask
+    orig = core_attention.allowed_mask
     mp.setattr(
-        attention,
-        "sliding_window_mask",
-        lambda sq, sk, w, dev, q_offset=0: orig(sq, sk, None if w is None else w + 1, dev, q_offset),
+        core_attention,
+        "allowed_mask",
+        lambda qd, qp, kd, kp, w: orig(qd, qp, kd, kp, None if w is None else w + 1),
     )
 
 
@@ -78,9 +79,9 @@ def v_norm_missing(mp):
 
 
 def attention_scale_inv_sqrt_d(mp):
-    orig = attention.Gemma4CoreAttention.forward
+    orig = core_attention.Gemma4CoreAttention.forward
     mp.setattr(
-        attention.Gemma4CoreAttention,
+        core_attention.Gemma4CoreAttention,
         "forward",
         lambda self, q, k, v, mask, **kw: orig(self, q * q.shape[-1] ** -0.5, k, v, mask, **kw),
     )

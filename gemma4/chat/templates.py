@@ -40,7 +40,9 @@ def reference_dir() -> Path:
 def reference_template_path(name: str) -> Path:
     """Path of a reference template by name (``standard`` or ``interleaved_31b``); raises if it is missing."""
     if name not in REFERENCE_TEMPLATES:
-        raise InvalidInputError(f"unknown reference template {name!r}; expected one of {sorted(REFERENCE_TEMPLATES)}")
+        raise InvalidInputError(
+            f"unknown reference template {name!r}; expected one of {sorted(REFERENCE_TEMPLATES)}"
+        )
     path = reference_dir() / REFERENCE_TEMPLATES[name]
     if not path.is_file():
         raise InvalidInputError(

@@ -255,14 +255,12 @@ class Gemma4CoreAttention(MegatronModule):
         if layout.cp_size > 1:
             key = gather_sequence(key, layout)
             value = gather_sequence(value, layout)
-        sq, b, np_, d = query.shape
-        ng = key.shape[2]
         dropout = self.dropout_p if self.training else 0.0
         backend = select_backend(
             self.backend,
             sliding=self.sliding_window is not None,
             keys=key.shape[0],
-            head_dim=d,
+            head_dim=query.shape[-1],
             dtype=query.dtype,
             device=query.device,
             cp_size=layout.cp_size,
@@ -270,23 +268,47 @@ class Gemma4CoreAttention(MegatronModule):
         if attention_mask is not None and backend != "dense":
             backend = "dense"
         self.last_backend = backend
-        if backend == "flash":
-            return flash_varlen_attention(
-                query, key, value, layout, self.sliding_window, self.softmax_scale, dropout
-            )
-        q = query.permute(1, 2, 0, 3)  # [b, np, sq, d]
-        # HF repeat_kv: query head h uses KV head h // (np / ng).
-        k = key.permute(1, 2, 0, 3).repeat_interleave(np_ // ng, dim=1)
-        v = value.permute(1, 2, 0, 3).repeat_interleave(np_ // ng, dim=1)
-        if backend == "blockwise":
-            out = blockwise_sliding_attention(
-                q, k, v, layout, self.sliding_window, self.softmax_scale, dropout_p=dropout
-            )
-        else:
-            allowed = allowed_mask(
-                layout.q_doc, layout.q_pos, layout.k_doc, layout.k_pos, self.sliding_window
-            )
-            if attention_mask is not None:
-                allowed = allowed & ~attention_mask
-            out = eager_attention(q, k, v, allowed, self.softmax_scale, dropout)
-        return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * d)
+        return attend(
+            query,
+            key,
+            value,
+            layout,
+            self.sliding_window,
+            backend=backend,
+            scale=self.softmax_scale,
+            dropout_p=dropout,
+            attention_mask=attention_mask,
+        )
+
+
+def attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: Gemma4SeqLayout,
+    window: int | None,
+    *,
+    backend: str = "dense",
+    scale: float = 1.0,
+    dropout_p: float = 0.0,
+    attention_mask: torch.Tensor | None = None,
+    block: int = BLOCK,
+) -> torch.Tensor:
+    """Attention of local queries ``[sq, b, np, d]`` over keys/values ``[sk, b, ng, d]`` in global order
+    (already gathered under CP) -> ``[sq, b, np * d]``, on the given path."""
+    if backend == "flash":
+        return flash_varlen_attention(query, key, value, layout, window, scale, dropout_p)
+    sq, b, np_, d = query.shape
+    ng = key.shape[2]
+    q = query.permute(1, 2, 0, 3)  # [b, np, sq, d]
+    # HF repeat_kv: query head h uses KV head h // (np / ng).
+    k = key.permute(1, 2, 0, 3).repeat_interleave(np_ // ng, dim=1)
+    v = value.permute(1, 2, 0, 3).repeat_interleave(np_ // ng, dim=1)
+    if backend == "blockwise" and window is not None:
+        out = blockwise_sliding_attention(q, k, v, layout, window, scale, block=block, dropout_p=dropout_p)
+    else:
+        allowed = allowed_mask(layout.q_doc, layout.q_pos, layout.k_doc, layout.k_pos, window)
+        if attention_mask is not None:
+            allowed = allowed & ~attention_mask
+        out = eager_attention(q, k, v, allowed, scale, dropout_p)
+    return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * d)

@@ -26,6 +26,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grads", action="store_true", help="also compare every parameter's gradient")
+    p.add_argument(
+        "--packed",
+        help="one packed row of documents with these lengths, e.g. 8,12,4 "
+        "(our model runs them packed; the reference runs each document alone)",
+    )
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size (forked gloo processes)")
+    p.add_argument(
+        "--cp", type=int, default=1, help="context parallel size (zig-zag, 2*cp chunks per sequence)"
+    )
+    p.add_argument("--sequence-parallel", action="store_true", help="sequence parallelism (needs --tp > 1)")
     p.add_argument("--dump", type=Path, help="write inputs/megatron/hf safetensors into this directory")
     p.add_argument("--json", type=Path, help="write the result as JSON")
     p.set_defaults(func=run)
@@ -44,11 +54,15 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def write_dump(directory: Path, tensors: dict[str, Any]) -> None:
-    """``inputs.safetensors`` (input_ids), ``megatron.safetensors`` and ``hf.safetensors`` (logits)."""
+    """``inputs.safetensors`` (input_ids, and cu_seqlens for a packed row), ``megatron.safetensors`` and
+    ``hf.safetensors`` (logits, run dtype)."""
     from safetensors.torch import save
 
+    inputs = {"input_ids": tensors["input_ids"]}
+    if tensors.get("cu_seqlens") is not None:
+        inputs["cu_seqlens"] = tensors["cu_seqlens"]
     files = {
-        "inputs.safetensors": {"input_ids": tensors["input_ids"]},
+        "inputs.safetensors": inputs,
         "megatron.safetensors": {"logits": tensors["megatron_logits"]},
         "hf.safetensors": {"logits": tensors["hf_logits"]},
     }
@@ -61,8 +75,8 @@ def format_summary(result: dict[str, Any]) -> str:
     m = result["metrics"]
     tol = result["tolerance"]
     lines = [
-        f"parity {result['source']}  dtype={result['dtype']}  batch={result['batch']} seq={result['seq_len']}"
-        f"  seed={result['seed']}  tolerance={tol['name']}",
+        f"parity {result['source']}  dtype={result['dtype']}  layout={result['layout']['name']}"
+        f"  batch={result['batch']} seq={result['seq_len']}  seed={result['seed']}  tolerance={tol['name']}",
         f"  logits      max|d|={m['logits']['max_abs']:.3e} (<= {tol['logits_max_abs']:.0e})"
         f"  max rel={m['logits']['max_rel']:.3e}",
         f"  activations max scaled={m['activations_max_scaled']:.3e} (<= {tol['activations_max_scaled']:.0e})",
@@ -87,12 +101,28 @@ def run(args: argparse.Namespace) -> int:
     """Run the parity check; exit code 0/1 (2 is raised as InvalidInputError)."""
     import torch
 
-    from harness.parity import DTYPES, resolve_source, run_parity
+    from gemma4.errors import InvalidInputError
+    from harness.parity import DTYPES, RunLayout, resolve_source, run_parity
 
+    packed = None
+    if args.packed is not None:
+        try:
+            packed = tuple(int(x) for x in args.packed.split(","))
+        except ValueError:
+            raise InvalidInputError(
+                f"--packed expects comma-separated lengths like 8,12,4, got {args.packed!r}"
+            ) from None
+    layout = RunLayout(tp=args.tp, cp=args.cp, sequence_parallel=args.sequence_parallel, packed=packed)
     source = resolve_source(args.preset, args.hf_config, args.hf_checkpoint)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     result = run_parity(
-        source, DTYPES[args.dtype], batch=args.batch, seq_len=args.seq_len, seed=args.seed, grads=args.grads
+        source,
+        DTYPES[args.dtype],
+        batch=args.batch,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        grads=args.grads,
+        layout=layout,
     )
     tensors = result.pop("_tensors")
     if args.dump:

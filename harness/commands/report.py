@@ -1,0 +1,95 @@
+"""``gemma4-harness report``: parity per preset x dtype x parallel layout, and the goldens, as one HTML page.
+
+Writes into --out: report.html (self-contained: tables, plots inline), summary.md (Markdown summary, links
+plots/*.png), plots/*.png and results.json; --junit FILE adds JUnit XML (one test case per row and golden).
+Exit 0 when every parity row, layout comparison and golden passes; 1 when anything fails (summary.md lists
+it); 2 invalid input.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from harness.commands.goldens import REPO_GOLDENS
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the ``report`` subcommand."""
+    p = sub.add_parser(
+        "report",
+        help="HTML + Markdown parity report (preset x dtype x layout, goldens, plots)",
+        description=__doc__.splitlines()[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--junit", type=Path, help="also write JUnit XML here")
+    p.add_argument("--preset", action="append", help="preset to run (repeatable; default: every preset)")
+    p.add_argument(
+        "--dtype",
+        action="append",
+        choices=["float64", "float32", "bfloat16"],
+        help="dtype to run (repeatable; default: float64, float32, bfloat16)",
+    )
+    p.add_argument(
+        "--layout", action="append", help="parallel layout (repeatable; default: every registered one)"
+    )
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--goldens-dir", type=Path, default=REPO_GOLDENS, help=f"goldens to check (default {REPO_GOLDENS})"
+    )
+    p.add_argument("--goldens-only", action="append", metavar="CASE", help="check only these golden cases")
+    p.add_argument("--no-goldens", action="store_true", help="do not check the goldens")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Collect, render, write; exit 0 when everything passed, else 1."""
+    import torch
+
+    from gemma4.errors import InvalidInputError
+    from harness.presets import DEFAULT_BATCH, DEFAULT_SEQ_LEN, PRESETS
+    from harness.report.build import write_report
+    from harness.report.collect import collect
+    from harness.report.layouts import select_layouts
+
+    presets = list(dict.fromkeys(args.preset or PRESETS))
+    unknown = [p for p in presets if p not in PRESETS]
+    if unknown:
+        raise InvalidInputError(f"--preset {unknown[0]!r} is unknown; presets: {', '.join(PRESETS)}")
+    layouts = select_layouts(args.layout)
+    batch = DEFAULT_BATCH if args.batch is None else args.batch
+    seq_len = DEFAULT_SEQ_LEN if args.seq_len is None else args.seq_len
+    if batch < 1 or seq_len < 2:
+        raise InvalidInputError(f"--batch must be >= 1 and --seq-len >= 2 (got {batch}, {seq_len})")
+    try:  # fail before the runs, not after them
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise InvalidInputError("the report's plots need matplotlib: pip install -e '.[test]'") from None
+    torch.set_num_threads(1)  # tiny models: threads only add contention and machine-dependent reductions
+    data = collect(
+        presets,
+        list(dict.fromkeys(args.dtype or ["float64", "float32", "bfloat16"])),
+        layouts,
+        batch=batch,
+        seq_len=seq_len,
+        seed=args.seed,
+        goldens_dir=None if args.no_goldens else args.goldens_dir,
+        goldens_only=args.goldens_only,
+        show_progress=args.progress,
+    )
+    written = write_report(data, args.out, args.junit)
+    print(f"report: {written['html']}  summary: {written['markdown']}")
+    if args.junit:
+        print(f"junit: {written['junit']}")
+    if data.passed:
+        print("PASS")
+        return 0
+    print(f"FAIL ({len(data.failures)} failing item(s)):")
+    for line in data.failures:
+        print(f"  - {line}")
+    return 1

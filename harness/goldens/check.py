@@ -1,0 +1,153 @@
+"""``goldens check``: recompute every selected case with our model and with HF, judge both against the golden.
+
+See :mod:`harness.goldens.outcome` for the statuses and exit codes. Besides the per-case outcomes, the report
+notes producer-version differences from the manifest, files no case references, and the size of the goldens.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gemma4.errors import InvalidInputError
+from harness.goldens import chat
+from harness.goldens.outcome import INTEGRITY, LABELS, REGRESSION, Outcome, exit_code, worst_status
+from harness.goldens.progress import progress
+from harness.goldens.registry import PENDING, all_cases, family, select
+from harness.goldens.store import (
+    MANIFEST,
+    SIZE_BUDGET_BYTES,
+    GoldenError,
+    producer_versions,
+    read_case_files,
+    read_manifest,
+    stray_files,
+    total_size,
+)
+
+_VERSION_KEYS = ("python", "torch", "transformers", "megatron-core", "platform")
+
+
+@dataclass
+class CheckReport:
+    """Every outcome of a ``goldens check`` run, notes, and the exit code."""
+
+    goldens_dir: Path
+    outcomes: list[Outcome]
+    notes: list[str] = field(default_factory=list)
+    size_bytes: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code(self.outcomes)
+
+    @property
+    def status(self) -> str:
+        return worst_status(self.outcomes)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form for reports."""
+        return {
+            "goldens_dir": str(self.goldens_dir),
+            "status": self.status,
+            "exit_code": self.exit_code,
+            "size_bytes": self.size_bytes,
+            "notes": self.notes,
+            "outcomes": [o.to_json() for o in self.outcomes],
+        }
+
+
+def _version_notes(entries: dict[str, Any]) -> list[str]:
+    now = producer_versions()
+    differing: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for name, entry in entries.items():
+        producer = entry.get("producer") if isinstance(entry, dict) else None
+        for key in _VERSION_KEYS:
+            recorded = producer.get(key) if isinstance(producer, dict) else None
+            if recorded != now[key]:
+                differing[(key, str(recorded))].append(name)
+    return [
+        f"version difference: {key} recorded {recorded}, now {now[key]} ({len(names)} case(s), e.g. {names[0]})"
+        for (key, recorded), names in sorted(differing.items())
+    ]
+
+
+def _check_case(case, entry, goldens_dir: Path) -> Outcome:
+    if entry is None:
+        return Outcome(
+            case.name,
+            INTEGRITY,
+            f"{goldens_dir / MANIFEST}: no golden recorded for case {case.name!r} "
+            f"(record it with `gemma4-harness goldens record --only {case.name}`)",
+        )
+    try:
+        files = read_case_files(goldens_dir, case.name, entry)
+        return family(case.family).check(case, entry, files, goldens_dir)
+    except (GoldenError, InvalidInputError) as exc:
+        return Outcome(case.name, INTEGRITY, str(exc))
+    except Exception as exc:  # a crash while recomputing is a failure of ours to report, not to hide
+        return Outcome(case.name, REGRESSION, f"checking crashed: {type(exc).__name__}: {exc}")
+
+
+def check_goldens(
+    goldens_dir: Path, only: list[str] | None = None, show_progress: bool | None = None
+) -> CheckReport:
+    """Check the selected goldens in ``goldens_dir`` (all by default)."""
+    goldens_dir = Path(goldens_dir)
+    cases, delegated = select(only)
+    notes: list[str] = []
+    try:
+        manifest = read_manifest(goldens_dir)
+    except GoldenError as exc:
+        outcomes = [Outcome(c.name, INTEGRITY, str(exc)) for c in cases]
+        outcomes += [chat.check(goldens_dir) for d in delegated if d == chat.NAME]
+        return CheckReport(goldens_dir, outcomes, notes)
+
+    entries = manifest["cases"]
+    outcomes = [
+        _check_case(case, entries.get(case.name), goldens_dir)
+        for case in progress(cases, "checking goldens", show_progress)
+    ]
+    outcomes += [chat.check(goldens_dir) for d in delegated if d == chat.NAME]
+
+    notes += _version_notes({c.name: entries[c.name] for c in cases if c.name in entries})
+    known = {c.name for c in all_cases()}
+    notes += [
+        f"{goldens_dir / MANIFEST}: golden for unknown case {n!r} is not checked"
+        for n in entries
+        if n not in known
+    ]
+    notes += [
+        f"{goldens_dir / rel}: stray file, no case references it"
+        for rel in stray_files(goldens_dir, manifest)
+    ]
+    notes += [f"pending family {name}: {why}" for name, why in PENDING.items()]
+    size = total_size(goldens_dir)
+    notes.append(f"goldens: {size / 1e6:.2f} MB of the {SIZE_BUDGET_BYTES / 2**20:.0f} MiB budget")
+    if size > SIZE_BUDGET_BYTES:
+        notes.append(f"{goldens_dir}: OVER the size budget")
+    return CheckReport(goldens_dir, outcomes, notes, size)
+
+
+def format_check(report: CheckReport) -> str:
+    """The human-readable check report (one line per case, details indented, notes, verdict)."""
+    width = max((len(o.case) for o in report.outcomes), default=10)
+    lines = [f"goldens check: {report.goldens_dir}"]
+    for o in report.outcomes:
+        lines.append(f"  {LABELS[o.status]:<13} {o.case:<{width}}  {o.message}")
+        lines += [f"  {'':<13} {'':<{width}}    {d}" for d in o.details[:10]]
+    lines += [f"  note: {n}" for n in report.notes]
+    counts = defaultdict(int)
+    for o in report.outcomes:
+        counts[o.status] += 1
+    summary = ", ".join(f"{n} {LABELS[s].lower()}" for s, n in sorted(counts.items()))
+    verdict = {
+        0: "OK",
+        1: "FAILED: regression: our code no longer reproduces a golden that HF still reproduces",
+        3: "HF DRIFT: the reference moved; our model did not regress. Review, then re-record with --update",
+        4: "FAILED: a golden is missing, corrupt or unreadable",
+    }[report.exit_code]
+    lines.append(f"{verdict} ({summary}; exit {report.exit_code})")
+    return "\n".join(lines)

@@ -1,0 +1,103 @@
+"""The golden case families and the case list.
+
+A family is a module with ``NAME``, ``DESCRIPTION``, ``cases() -> list[Case]``, ``record(case) -> Recording``,
+``check(case, entry, files, goldens_dir) -> Outcome`` and ``describe_change(case, old_files, new) -> str``.
+Adding one (e.g. MoE router decisions once the MoE model exists) is a new module plus one line in
+:data:`FAMILY_MODULES`. Families owned by other packages, which keep their own manifest under a
+sub-directory, are listed in :data:`DELEGATED` (see :mod:`harness.goldens.chat`).
+
+Case names are ``family/preset/dtype``; ``--only`` takes a case name, a family name, a prefix
+(``forward/tiny-31b``) or a shell pattern (``*/tiny-12b/*``), and may repeat.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from gemma4.errors import InvalidInputError
+
+GOLDEN_PRESETS = ("tiny-31b", "tiny-12b")
+GOLDEN_DTYPES = ("float64", "float32")  # bf16 logits are left out: CPU bf16 kernels differ across CPUs
+SEED = 0
+
+FAMILY_MODULES = {
+    "forward": "harness.goldens.forward",
+    "rope": "harness.goldens.rope",
+    "weights": "harness.goldens.weights",
+}
+DELEGATED = {"chat": "harness.goldens.chat"}
+PENDING = {
+    "router": "MoE router decisions: pending (no MoE model yet); add harness/goldens/router.py and register it",
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One golden case: ``family/preset/dtype``, recorded from the preset with ``seed``."""
+
+    family: str
+    preset: str
+    dtype: str
+    seed: int = SEED
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}/{self.preset}/{self.dtype}"
+
+
+@dataclass
+class Recording:
+    """What a family computed for a case: file payloads by suffix and the manifest fields it adds."""
+
+    files: dict[str, bytes]
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+def family(name: str) -> ModuleType:
+    """The module implementing family ``name``."""
+    return importlib.import_module(FAMILY_MODULES[name])
+
+
+def standard_cases(family_name: str) -> list[Case]:
+    """Every golden preset x dtype for one family."""
+    return [Case(family_name, p, d) for p in GOLDEN_PRESETS for d in GOLDEN_DTYPES]
+
+
+def all_cases() -> list[Case]:
+    """Every case of every non-delegated family, in a fixed order."""
+    return [c for name in FAMILY_MODULES for c in family(name).cases()]
+
+
+def all_names() -> list[str]:
+    """Every case name plus the delegated family names."""
+    return [c.name for c in all_cases()] + list(DELEGATED)
+
+
+def _matches(token: str, name: str) -> bool:
+    return name == token or name.startswith(token.rstrip("/") + "/") or fnmatch.fnmatchcase(name, token)
+
+
+def select(only: list[str] | None) -> tuple[list[Case], list[str]]:
+    """Cases and delegated families chosen by ``--only`` tokens (everything when ``only`` is empty)."""
+    cases = all_cases()
+    if not only:
+        return cases, list(DELEGATED)
+    chosen_cases: list[Case] = []
+    chosen_delegated: list[str] = []
+    for token in only:
+        hit_cases = [c for c in cases if _matches(token, c.name)]
+        hit_delegated = [d for d in DELEGATED if _matches(token, d)]
+        if not hit_cases and not hit_delegated:
+            if token in PENDING:
+                raise InvalidInputError(f"--only {token!r}: {PENDING[token]}")
+            raise InvalidInputError(
+                f"--only {token!r} matches no golden case; cases: {', '.join(all_names())}"
+            )
+        chosen_cases += [c for c in hit_cases if c not in chosen_cases]
+        chosen_delegated += [d for d in hit_delegated if d not in chosen_delegated]
+    order = {c.name: i for i, c in enumerate(cases)}
+    return sorted(chosen_cases, key=lambda c: order[c.name]), chosen_delegated

@@ -40,7 +40,7 @@ class RopeSpec:
 
 @dataclass(frozen=True)
 class Gemma4TextSpec:
-    """Validated Gemma 4 text-decoder hyper-parameters (dense; MoE/PLE/KV sharing are refused for now)."""
+    """Validated Gemma 4 text-decoder hyper-parameters (dense and MoE; PLE/KV sharing are refused for now)."""
 
     vocab_size: int
     hidden_size: int
@@ -61,6 +61,11 @@ class Gemma4TextSpec:
     pad_token_id: int | None = 0
     bos_token_id: int | None = 2
     eos_token_id: int | list[int] | None = 1
+    # MoE (26B-A4B): every layer has a dense MLP and `num_experts` routed experts (top `top_k_experts`).
+    enable_moe: bool = False
+    num_experts: int | None = None
+    top_k_experts: int | None = None
+    moe_intermediate_size: int | None = None
 
     # ---- per-layer helpers -------------------------------------------------------------------------
     def is_sliding(self, layer: int) -> bool:
@@ -213,8 +218,14 @@ def text_spec_from_hf(cfg: Any) -> Gemma4TextSpec:
         raise ConfigError(
             f"field 'num_kv_shared_layers' is {d['num_kv_shared_layers']}: KV sharing is not supported yet"
         )
-    if d.get("enable_moe_block"):
-        raise ConfigError("field 'enable_moe_block' is true: the MoE block is not supported yet")
+    moe = bool(d.get("enable_moe_block"))
+    if moe:
+        n_exp, top_k, moe_inter = d.get("num_experts"), d.get("top_k_experts"), d.get("moe_intermediate_size")
+        for name, value in (("num_experts", n_exp), ("top_k_experts", top_k), ("moe_intermediate_size", moe_inter)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"field {name!r} must be a positive integer with enable_moe_block, got {value!r}")
+        if top_k > n_exp:
+            raise ConfigError(f"field 'top_k_experts' ({top_k}) exceeds 'num_experts' ({n_exp})")
     if d.get("use_bidirectional_attention") == "all":
         raise ConfigError(
             "field 'use_bidirectional_attention' is 'all': only causal text attention is supported"
@@ -314,4 +325,8 @@ def text_spec_from_hf(cfg: Any) -> Gemma4TextSpec:
         pad_token_id=d.get("pad_token_id"),
         bos_token_id=d.get("bos_token_id"),
         eos_token_id=d.get("eos_token_id"),
+        enable_moe=moe,
+        num_experts=d.get("num_experts") if moe else None,
+        top_k_experts=d.get("top_k_experts") if moe else None,
+        moe_intermediate_size=d.get("moe_intermediate_size") if moe else None,
     )

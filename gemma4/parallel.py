@@ -4,11 +4,13 @@ Megatron marks every sharded parameter with ``tensor_model_parallel``, ``partiti
 ``partition_stride`` and initialises rank r's shard as ``split(full, per_partition / stride)[r::tp]``
 (``_initialize_affine_weight_cpu``). Using the same rule here means a full (TP = 1 layout) tensor is cut
 exactly the way the layer expects, including GLU ``linear_fc1`` (stride 2: rank r holds ``[gate_r; up_r]``)
-and K=V ``linear_qkv`` rows with fewer KV groups than ranks.
+and K=V ``linear_qkv`` rows with fewer KV groups than ranks. Under expert parallelism EP rank r holds the
+global experts ``[r·E/ep, (r+1)·E/ep)`` as ``local_experts.0 ..`` (Megatron's placement).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import torch
@@ -31,14 +33,40 @@ def shard_like(full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp_size: i
     return torch.cat(pieces[tp_rank::tp_size], dim=dim)
 
 
+_LOCAL_EXPERT = re.compile(r"(\.experts\.local_experts\.)(\d+)(\.)")
+
+
+def global_expert_name(name: str, ep_rank: int, ep_size: int, num_experts: int) -> str:
+    """``...local_experts.{i}...`` on EP rank r -> the global expert ``r * E/ep + i`` (TP = 1 names)."""
+    if ep_size == 1:
+        return name
+    per_rank = num_experts // ep_size
+    return _LOCAL_EXPERT.sub(
+        lambda m: f"{m.group(1)}{ep_rank * per_rank + int(m.group(2))}{m.group(3)}", name
+    )
+
+
 def load_full_state_dict(
-    model: torch.nn.Module, full: Mapping[str, torch.Tensor], tp_rank: int, tp_size: int
+    model: torch.nn.Module,
+    full: Mapping[str, torch.Tensor],
+    tp_rank: int,
+    tp_size: int,
+    ep_rank: int = 0,
+    ep_size: int = 1,
 ) -> None:
-    """Load TP = 1 layout tensors (Megatron names) into a possibly TP-sharded model; all must be covered."""
-    params = dict(model.named_parameters())
-    own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    missing = sorted(set(own) - set(full))
-    extra = sorted(set(full) - set(own))
+    """Load TP = 1 / EP = 1 layout tensors (Megatron names, global expert indices) into a possibly TP- and
+    EP-sharded model; every tensor of the model must be covered, and nothing else may be given (experts
+    that live on other EP ranks excepted)."""
+    num_experts = getattr(model.config, "num_moe_experts", None) or 1
+    params = {global_expert_name(k, ep_rank, ep_size, num_experts): v for k, v in model.named_parameters()}
+    own = {
+        global_expert_name(k, ep_rank, ep_size, num_experts): v
+        for k, v in model.state_dict().items()
+        if not k.endswith("_extra_state")
+    }
+    given = {k for k in full if ep_size == 1 or k in own or not _LOCAL_EXPERT.search(k)}
+    missing = sorted(set(own) - given)
+    extra = sorted(given - set(own))
     if missing or extra:
         raise InvalidInputError(f"weights do not cover the model: missing {missing}, unexpected {extra}")
     with torch.no_grad():

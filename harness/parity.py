@@ -96,7 +96,10 @@ def capture_hf(model: torch.nn.Module, store: dict[str, torch.Tensor]):
         )
     ]
     for idx, layer in enumerate(m.layers):
-        for sub, name in ((layer.self_attn, "attention"), (layer.mlp, "mlp"), (layer, "output")):
+        points = [(layer.self_attn, "attention"), (layer.mlp, "mlp"), (layer, "output")]
+        if getattr(layer, "enable_moe_block", False):  # routed experts after their output norm
+            points.insert(2, (layer.post_feedforward_layernorm_2, "experts"))
+        for sub, name in points:
             key = f"layer.{idx}.{name}"
             hooks.append(
                 sub.register_forward_hook(
@@ -130,7 +133,15 @@ def capture_mcore(model: torch.nn.Module, store: dict[str, torch.Tensor]):
         )
     ]
     for idx, layer in enumerate(layers):
-        for sub, name in ((layer.self_attention, "attention"), (layer.mlp, "mlp"), (layer, "output")):
+        points = [(layer.self_attention, "attention"), (layer.mlp, "mlp"), (layer, "output")]
+        if hasattr(layer.mlp, "dense_mlp"):  # MoE block: "mlp" is its dense branch, like HF's layer.mlp
+            points = [
+                (layer.self_attention, "attention"),
+                (layer.mlp.dense_mlp, "mlp"),
+                (layer.mlp.post_experts_layernorm, "experts"),
+                (layer, "output"),
+            ]
+        for sub, name in points:
             key = f"layer.{idx}.{name}"
             hooks.append(sub.register_forward_hook(lambda mod, i, o, key=key: put(key, _first(o))))
     hooks.append(model.decoder.final_layernorm.register_forward_hook(lambda mod, i, o: put("final_norm", o)))
@@ -145,7 +156,10 @@ def capture_order(spec: Gemma4TextSpec) -> list[str]:
     """Capture point names in forward order."""
     names = ["embedding"]
     for i in range(spec.num_layers):
-        names += [f"layer.{i}.attention", f"layer.{i}.mlp", f"layer.{i}.output"]
+        names += [f"layer.{i}.attention", f"layer.{i}.mlp"]
+        if spec.enable_moe:
+            names.append(f"layer.{i}.experts")
+        names.append(f"layer.{i}.output")
     return names + ["final_norm", "logits"]
 
 
@@ -168,16 +182,19 @@ class RunLayout:
     cp: int = 1
     sequence_parallel: bool = False
     packed: tuple[int, ...] | None = None
+    ep: int = 1
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.cp
+        return self.tp * self.cp * self.ep
 
     @property
     def name(self) -> str:
         parts = [f"tp{self.tp}" + ("+sp" if self.sequence_parallel else "")]
         if self.cp > 1:
             parts.append(f"cp{self.cp}")
+        if self.ep > 1:
+            parts.append(f"ep{self.ep}")
         if self.packed:
             parts.append("packed[" + ",".join(map(str, self.packed)) + "]")
         return "-".join(parts)
@@ -185,10 +202,28 @@ class RunLayout:
 
 def validate_layout(spec: Gemma4TextSpec, layout: RunLayout, batch: int, seq_len: int) -> None:
     """Refuse layouts the model cannot run, naming the flag (exit 2 in the CLI)."""
-    if layout.tp < 1 or layout.cp < 1:
-        raise InvalidInputError(f"--tp and --cp must be >= 1 (got {layout.tp}, {layout.cp})")
+    if layout.tp < 1 or layout.cp < 1 or layout.ep < 1:
+        raise InvalidInputError(
+            f"--tp, --cp and --ep must be >= 1 (got {layout.tp}, {layout.cp}, {layout.ep})"
+        )
     if layout.world_size > 8:
-        raise InvalidInputError(f"--tp x --cp = {layout.world_size} processes; at most 8 on a CPU machine")
+        raise InvalidInputError(
+            f"--tp x --cp x --ep = {layout.world_size} processes; at most 8 on a CPU machine"
+        )
+    if layout.ep > 1:
+        if not spec.enable_moe:
+            raise InvalidInputError(
+                f"--ep {layout.ep}: the config has no experts to shard (enable_moe_block is false)"
+            )
+        if spec.num_experts % layout.ep:
+            raise InvalidInputError(f"--ep {layout.ep} does not divide num_experts = {spec.num_experts}")
+        if layout.packed or batch % layout.ep:
+            raise InvalidInputError(
+                f"--ep {layout.ep}: expert-parallel ranks are data-parallel replicas, so --batch ({batch}) must be "
+                "a multiple of --ep (and --packed, a single row, cannot be split)"
+            )
+    if spec.enable_moe and layout.tp > 1:
+        raise InvalidInputError("--tp > 1 with MoE layers is not supported yet (use --ep)")
     tp = layout.tp
     for name, value in (
         ("num_attention_heads", spec.num_attention_heads),
@@ -302,16 +337,21 @@ def reference_noise(
 
 
 def _finalize_grads(model: torch.nn.Module, config) -> None:
-    """What Megatron's finalize_model_grads does for these grads: sum over CP (DDP over dp x cp) for every
-    parameter, and over TP for sequence-parallel norm weights and q/k layernorms (each rank saw part)."""
+    """What Megatron's DDP + finalize_model_grads do for these grads: sum over data x context parallel ranks
+    (each saw other tokens) for every parameter Megatron all-reduces (``allreduce``: not the experts an EP
+    rank owns), and over TP for sequence-parallel norm weights and q/k layernorms (each rank saw part)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    dp_cp = ps.get_data_parallel_group(with_context_parallel=True)
+    expert_dp = ps.get_expert_data_parallel_group()
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
-        if ps.get_context_parallel_world_size() > 1:
-            dist.all_reduce(p.grad, group=ps.get_context_parallel_group())
+        # Experts an EP rank owns are summed over the ranks holding the same experts (expert data parallel).
+        group = dp_cp if getattr(p, "allreduce", True) else expert_dp
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(p.grad, group=group)
         if ps.get_tensor_model_parallel_world_size() > 1 and (
             (config.sequence_parallel and getattr(p, "sequence_parallel", False))
             or "q_layernorm" in name
@@ -338,20 +378,27 @@ def run_megatron_rank(
 
     from gemma4.model.build import build_gemma4_model
     from gemma4.model.sequence_layout import shard_for_cp
-    from gemma4.parallel import load_full_state_dict, shard_like
+    from gemma4.parallel import global_expert_name, load_full_state_dict, shard_like
 
     tp_rank, cp_rank = ps.get_tensor_model_parallel_rank(), ps.get_context_parallel_rank()
+    dp_rank = ps.get_data_parallel_rank()
+    ep_rank = ps.get_expert_model_parallel_rank()
+    overrides = {"expert_model_parallel_size": layout.ep} if spec.enable_moe else {}
     model = build_gemma4_model(
         spec,
         dtype,
         tensor_model_parallel_size=layout.tp,
         context_parallel_size=layout.cp,
         sequence_parallel=layout.sequence_parallel,
+        **overrides,
     )
-    load_full_state_dict(model, full_weights, tp_rank, layout.tp)
+    load_full_state_dict(model, full_weights, tp_rank, layout.tp, ep_rank, layout.ep)
     model.eval()
+    rows = ids.shape[0] // layout.ep  # EP ranks are data-parallel replicas: each takes its rows
+    labels = next_token_labels(ids, cu)[dp_rank * rows : (dp_rank + 1) * rows]
+    ids = ids[dp_rank * rows : (dp_rank + 1) * rows]
     local_ids = shard_for_cp(ids, cu, layout.cp, cp_rank)
-    local_labels = shard_for_cp(next_token_labels(ids, cu), cu, layout.cp, cp_rank)
+    local_labels = shard_for_cp(labels, cu, layout.cp, cp_rank)
     packed = None
     if layout.packed:
         packed = PackedSeqParams(
@@ -367,7 +414,14 @@ def run_megatron_rank(
         logits = model(local_ids, packed_seq_params=packed)
         if layout.tp > 1:
             logits = gather_from_tensor_model_parallel_region(logits)
-    out: dict[str, Any] = {"tp_rank": tp_rank, "cp_rank": cp_rank, "acts": acts, "logits": logits.detach()}
+    out: dict[str, Any] = {
+        "tp_rank": tp_rank,
+        "cp_rank": cp_rank,
+        "dp_rank": dp_rank,
+        "ep_rank": ep_rank,
+        "acts": acts,
+        "logits": logits.detach(),
+    }
     if grads:
         lm_loss(logits, local_labels).backward()
         _finalize_grads(model, model.config)
@@ -376,7 +430,8 @@ def run_megatron_rank(
             if p.grad is None:
                 missing.append(name)
                 continue
-            d = tensor_diff(p.grad, shard_like(ref_grads[name], p, tp_rank, layout.tp))
+            ref = ref_grads[global_expert_name(name, ep_rank, layout.ep, spec.num_experts or 1)]
+            d = tensor_diff(p.grad, shard_like(ref, p, tp_rank, layout.tp))
             diffs[name] = {
                 "max_abs": d.max_abs,
                 "ref_max_abs": d.ref_max_abs,
@@ -390,20 +445,28 @@ def _assemble(results: list[dict[str, Any]], layout: RunLayout, cu: torch.Tensor
     """Full-sequence activations and logits from every rank's local pieces."""
     from gemma4.model.sequence_layout import unshard_from_cp
 
-    by_cp: dict[int, list[dict[str, Any]]] = {}
+    def one_data_rank(group: list[dict[str, Any]]):
+        by_cp: dict[int, list[dict[str, Any]]] = {}
+        for r in group:
+            by_cp.setdefault(r["cp_rank"], []).append(r)
+        acts_per_cp, logits_per_cp = [], []
+        for cp_rank in range(layout.cp):
+            ranks = sorted(by_cp[cp_rank], key=lambda r: r["tp_rank"])
+            if layout.sequence_parallel:  # activations are sequence-sharded over TP, contiguous chunks
+                acts = {k: torch.cat([r["acts"][k] for r in ranks], dim=1) for k in ranks[0]["acts"]}
+            else:
+                acts = ranks[0]["acts"]
+            acts_per_cp.append(acts)
+            logits_per_cp.append(ranks[0]["logits"])
+        acts = {k: unshard_from_cp([a[k] for a in acts_per_cp], cu) for k in acts_per_cp[0]}
+        return unshard_from_cp(logits_per_cp, cu), acts
+
+    by_dp: dict[int, list[dict[str, Any]]] = {}
     for r in results:
-        by_cp.setdefault(r["cp_rank"], []).append(r)
-    acts_per_cp, logits_per_cp = [], []
-    for cp_rank in range(layout.cp):
-        ranks = sorted(by_cp[cp_rank], key=lambda r: r["tp_rank"])
-        if layout.sequence_parallel:  # activations are sequence-sharded over TP, contiguous chunks
-            acts = {k: torch.cat([r["acts"][k] for r in ranks], dim=1) for k in ranks[0]["acts"]}
-        else:
-            acts = ranks[0]["acts"]
-        acts_per_cp.append(acts)
-        logits_per_cp.append(ranks[0]["logits"])
-    acts = {k: unshard_from_cp([a[k] for a in acts_per_cp], cu) for k in acts_per_cp[0]}
-    logits = unshard_from_cp(logits_per_cp, cu)
+        by_dp.setdefault(r.get("dp_rank", 0), []).append(r)
+    parts = [one_data_rank(by_dp[d]) for d in sorted(by_dp)]  # data-parallel ranks hold consecutive rows
+    logits = torch.cat([p[0] for p in parts], dim=0)
+    acts = {k: torch.cat([p[1][k] for p in parts], dim=0) for k in parts[0][1]}
     acts["logits"] = logits
     return logits, acts
 
@@ -449,7 +512,12 @@ def run_parity(
     cu = cu_seqlens_of(list(layout.packed) if layout.packed else [seq_len])
 
     ref_logits, ref_acts = run_reference(hf, ids, cu, bool(layout.packed), grads)
-    if tolerance is None and dtype != torch.float64 and (layout.world_size > 1 or layout.packed):
+    # MoE: Megatron's token dispatcher combines expert outputs in another order than HF's eager loop.
+    if (
+        tolerance is None
+        and dtype != torch.float64
+        and (layout.world_size > 1 or layout.packed or spec.enable_moe)
+    ):
         tol = reordered(tol, *reference_noise(source, dtype, seed, ids, cu, layout, ref_acts))
     ref_grads = None
     if grads:
@@ -467,7 +535,9 @@ def run_parity(
         init_single_process()
         results = [run_megatron_rank(0, 1, *args)]
     else:
-        par = Parallelism(tp=layout.tp, cp=layout.cp, sequence_parallel=layout.sequence_parallel)
+        par = Parallelism(
+            tp=layout.tp, cp=layout.cp, ep=layout.ep, sequence_parallel=layout.sequence_parallel
+        )
         results = run_distributed(run_megatron_rank, par, *args, timeout=timeout)
     our_logits, our_acts = _assemble(results, layout, cu)
     t_ours = time.perf_counter() - t1
@@ -507,7 +577,11 @@ def run_parity(
                     f"parameter {name} got no gradient (tp rank {r['tp_rank']}, cp rank {r['cp_rank']})"
                 )
             for name, d in r["grad_diffs"].items():
-                key = name if layout.world_size == 1 else f"{name}@tp{r['tp_rank']}cp{r['cp_rank']}"
+                key = (
+                    name
+                    if layout.world_size == 1
+                    else f"{name}@tp{r['tp_rank']}cp{r['cp_rank']}ep{r['ep_rank']}"
+                )
                 per_param[key] = d
         worst_name = max(per_param, key=lambda n: per_param[n]["scaled"]) if per_param else None
         worst = per_param[worst_name]["scaled"] if worst_name else 0.0

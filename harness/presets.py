@@ -69,6 +69,27 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sliding_window": 3,
         "max_position_embeddings": 4096,
     },
+    # 26B-A4B: 16 heads, 8 sliding KV heads, 2 global KV heads, window 1024, dense MLP 2112 beside 128
+    # experts (top-8, 704 wide) in every layer.
+    "tiny-26b-a4b": {
+        **_COMMON,
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "intermediate_size": 48,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "global_head_dim": 32,
+        "num_global_key_value_heads": 2,
+        "layer_types": [S, F, S, S, S, F],
+        "sliding_window": 5,
+        "enable_moe_block": True,
+        "num_experts": 8,
+        "top_k_experts": 2,
+        "moe_intermediate_size": 16,
+        "max_position_embeddings": 4096,
+    },
 }
 
 DEFAULT_SEQ_LEN = 24

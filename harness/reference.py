@@ -7,8 +7,9 @@
   (HF fp32 itself then drifts 1e-4 from exact fp64 on tiny-31b); ``layer_scalar`` in [0.5, 0.8] or
   [1.25, 1.6] (never 1).
 * bf16/fp32 runs use stock HF. fp64 runs remove exactly the casts that cap stock HF near 1e-5 in fp64
-  (facts §6.23): ``Gemma4RMSNorm`` computing in fp32, RoPE ``inv_freq``/cos/sin built in fp32, and the
-  eager attention softmax in fp32. Nothing else is changed; the patches live on this model instance (and
+  (facts §6.23): ``Gemma4RMSNorm`` computing in fp32, RoPE ``inv_freq``/cos/sin built in fp32, the
+  eager attention softmax in fp32, and the MoE router softmax in fp32. MoE experts always run HF's eager
+  loop (``experts_implementation="eager"``), the reference implementation. Nothing else is changed; the patches live on this model instance (and
   a separately registered attention implementation), never on the transformers classes.
 """
 
@@ -29,6 +30,12 @@ def _draw_weights(model: torch.nn.Module, seed: int) -> None:
         for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
             if name.endswith(("q_norm.weight", "k_norm.weight")):
                 p.copy_(torch.rand(p.shape, generator=gen) * 0.35 + 0.25)
+            elif name.endswith("router.proj.weight"):
+                # The router's input is RMS-normed and scaled by H^-0.5, so N(0, 2^2) weights give logits of
+                # std ~2: routing is decisive but not saturated, and the renormalised weights matter.
+                p.copy_(torch.randn(p.shape, generator=gen) * 2.0)
+            elif name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
             elif name.endswith("norm.weight") or "layernorm" in name:
                 p.copy_(torch.rand(p.shape, generator=gen) * 1.2 + 0.4)
             elif "embed_tokens" in name:
@@ -107,6 +114,18 @@ def _exact_eager_attention(
     return attn_output, attn_weights
 
 
+def _exact_router_forward(self, hidden_states: torch.Tensor):
+    # Gemma4TextRouter.forward with the softmax in the input dtype (fp64) instead of fp32.
+    hidden_states = self.norm(hidden_states)
+    hidden_states = hidden_states * self.scale * self.scalar_root_size
+    expert_scores = self.proj(hidden_states)
+    router_probabilities = torch.nn.functional.softmax(expert_scores, dim=-1, dtype=hidden_states.dtype)
+    top_k_weights, top_k_index = torch.topk(router_probabilities, k=self.config.top_k_experts, dim=-1)
+    top_k_weights /= top_k_weights.sum(dim=-1, keepdim=True)
+    top_k_weights = top_k_weights * self.per_expert_scale[top_k_index]
+    return router_probabilities, top_k_weights, top_k_index
+
+
 def _register_exact_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
@@ -117,10 +136,16 @@ def _register_exact_attention() -> None:
 
 def make_exact_fp64(model: torch.nn.Module) -> None:
     """Remove HF's fp32 casts from an fp64 ``Gemma4ForCausalLM`` instance (and only those)."""
-    from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm, Gemma4TextRotaryEmbedding
+    from transformers.models.gemma4.modeling_gemma4 import (
+        Gemma4RMSNorm,
+        Gemma4TextRotaryEmbedding,
+        Gemma4TextRouter,
+    )
 
     for module in model.modules():
-        if isinstance(module, Gemma4RMSNorm):
+        if isinstance(module, Gemma4TextRouter):
+            module.forward = types.MethodType(_exact_router_forward, module)
+        elif isinstance(module, Gemma4RMSNorm):
             module.forward = types.MethodType(_exact_rmsnorm_forward, module)
         elif isinstance(module, Gemma4TextRotaryEmbedding):
             module._fp64_inv_freq = {
@@ -155,6 +180,7 @@ def build_reference_model(
     torch.manual_seed(seed)
     config = type(hf_text_config).from_dict(hf_text_config.to_dict())
     config._attn_implementation = "eager"
+    config._experts_implementation = "eager"
     model = Gemma4ForCausalLM(config)
     if weights is None:
         _draw_weights(model, seed)

@@ -6,6 +6,9 @@ HF ``Gemma4TextDecoderLayer`` (facts §2.2)::
     x = x + post_feedforward_norm(mlp(pre_feedforward_norm(x)))
     x = x * layer_scalar                       # the whole stream, residual included
 
+On MoE layers ``mlp`` is :class:`gemma4.model.moe.Gemma4MoELayer` (dense branch + routed experts with their
+own norms), ``pre_mlp_layernorm`` is the identity and ``post_mlp_layernorm`` is ``post_feedforward_layernorm``.
+
 Megatron builds ``input_layernorm``, ``self_attention``, ``pre_mlp_layernorm`` and ``mlp`` from the spec;
 this subclass adds ``post_self_attn_layernorm``, ``post_mlp_layernorm`` and the persistent ``layer_scalar``
 buffer (loaded from the checkpoint; never assumed to be 1), and gives each layer its own head geometry.

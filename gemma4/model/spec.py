@@ -11,7 +11,10 @@ import functools
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
@@ -20,6 +23,7 @@ from gemma4.config import SLIDING, Gemma4TextSpec
 from gemma4.model.attention import Gemma4SelfAttention, KEqVColumnParallelLinear
 from gemma4.model.core_attention import Gemma4CoreAttention
 from gemma4.model.layer import Gemma4TransformerLayer, Gemma4TransformerLayerSubmodules
+from gemma4.model.moe import Gemma4MoELayer, Gemma4Router
 from gemma4.model.norms import Gemma4RMSNorm
 
 
@@ -44,6 +48,18 @@ def get_gemma4_layer_spec(spec: Gemma4TextSpec, layer_index: int) -> ModuleSpec:
         module=MLP,
         submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
     )
+    pre_mlp_norm = Gemma4RMSNorm
+    if spec.enable_moe:
+        experts = ModuleSpec(
+            module=SequentialMLP,
+            submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+        )
+        mlp = ModuleSpec(
+            module=Gemma4MoELayer,
+            params={"dense_mlp": mlp, "norm": Gemma4RMSNorm},
+            submodules=MoESubmodules(experts=experts, router=Gemma4Router),
+        )
+        pre_mlp_norm = IdentityOp  # the MoE block norms its two inputs itself
     return ModuleSpec(
         module=Gemma4TransformerLayer,
         params={"layer_index": layer_index},
@@ -51,7 +67,7 @@ def get_gemma4_layer_spec(spec: Gemma4TextSpec, layer_index: int) -> ModuleSpec:
             input_layernorm=Gemma4RMSNorm,
             self_attention=attention,
             post_self_attn_layernorm=Gemma4RMSNorm,
-            pre_mlp_layernorm=Gemma4RMSNorm,
+            pre_mlp_layernorm=pre_mlp_norm,
             mlp=mlp,
             post_mlp_layernorm=Gemma4RMSNorm,
         ),

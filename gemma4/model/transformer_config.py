@@ -78,6 +78,17 @@ def make_transformer_config(
         gemma4=spec,
         layer_type=None,
     )
+    if spec.enable_moe:
+        kwargs.update(
+            num_moe_experts=spec.num_experts,
+            moe_router_topk=spec.top_k_experts,
+            moe_ffn_hidden_size=spec.moe_intermediate_size,
+            moe_token_dispatcher_type="allgather",
+            moe_router_load_balancing_type="none",
+            moe_aux_loss_coeff=0.0,  # HF trains without one; a user may ask for it via overrides
+            moe_grouped_gemm=False,
+            moe_permute_fusion=False,
+        )
     kwargs.update(overrides)
     return Gemma4TransformerConfig(**kwargs)
 

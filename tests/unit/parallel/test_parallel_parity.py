@@ -121,8 +121,8 @@ def kv_tp_split_wrong(mp):
     """K=V linear_qkv split over TP by strided rows instead of Megatron's contiguous slices."""
     orig = parallel.load_full_state_dict
 
-    def load(model, full, tp_rank, tp_size):
-        orig(model, full, tp_rank, tp_size)
+    def load(model, full, tp_rank, tp_size, *ep):
+        orig(model, full, tp_rank, tp_size, *ep)
         for name, p in model.named_parameters():
             if name.endswith("linear_qkv.weight") and p.shape[0] * tp_size == full[name].shape[0]:
                 layer = model.decoder.layers[int(name.split(".")[2])]

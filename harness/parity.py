@@ -23,7 +23,7 @@ import torch
 from gemma4.config import Gemma4TextSpec, hf_text_config_from_any, text_spec_from_hf
 from gemma4.errors import InvalidInputError
 from harness.compare import TensorDiff, logit_stats, tensor_diff
-from harness.tolerances import Tolerance, reordered, tolerance_for
+from harness.tolerances import GRAD_SCALE_FLOOR, Tolerance, reordered, tolerance_for
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -222,8 +222,8 @@ def validate_layout(spec: Gemma4TextSpec, layout: RunLayout, batch: int, seq_len
                 f"--ep {layout.ep}: expert-parallel ranks are data-parallel replicas, so --batch ({batch}) must be "
                 "a multiple of --ep (and --packed, a single row, cannot be split)"
             )
-    if spec.enable_moe and layout.tp > 1:
-        raise InvalidInputError("--tp > 1 with MoE layers is not supported yet (use --ep)")
+    if spec.enable_moe and layout.tp > 1 and not layout.sequence_parallel:
+        raise InvalidInputError("--tp > 1 with MoE layers needs --sequence-parallel (as Megatron requires)")
     tp = layout.tp
     for name, value in (
         ("num_attention_heads", spec.num_attention_heads),
@@ -393,7 +393,8 @@ def run_megatron_rank(
         **overrides,
     )
     load_full_state_dict(model, full_weights, tp_rank, layout.tp, ep_rank, layout.ep)
-    model.eval()
+    grads = ref_grads is not None
+    model.train(grads)  # a training step when gradients are compared (dropout is 0 either way)
     rows = ids.shape[0] // layout.ep  # EP ranks are data-parallel replicas: each takes its rows
     labels = next_token_labels(ids, cu)[dp_rank * rows : (dp_rank + 1) * rows]
     ids = ids[dp_rank * rows : (dp_rank + 1) * rows]
@@ -409,7 +410,6 @@ def run_megatron_rank(
             max_seqlen_kv=int((cu[1:] - cu[:-1]).max()),
         )
     acts: dict[str, torch.Tensor] = {}
-    grads = ref_grads is not None
     with torch.set_grad_enabled(grads), capture_mcore(model, acts):
         logits = model(local_ids, packed_seq_params=packed)
         if layout.tp > 1:
@@ -426,6 +426,7 @@ def run_megatron_rank(
         lm_loss(logits, local_labels).backward()
         _finalize_grads(model, model.config)
         diffs, missing = {}, []
+        floor = GRAD_SCALE_FLOOR * max(float(g.abs().max()) for g in ref_grads.values() if g.numel())
         for name, p in model.named_parameters():
             if p.grad is None:
                 missing.append(name)
@@ -435,7 +436,7 @@ def run_megatron_rank(
             diffs[name] = {
                 "max_abs": d.max_abs,
                 "ref_max_abs": d.ref_max_abs,
-                "scaled": d.max_abs / max(d.ref_max_abs, 1e-300),
+                "scaled": d.max_abs / max(d.ref_max_abs, floor, 1e-300),
             }
         out["grad_diffs"], out["missing_grads"] = diffs, missing
     return out

@@ -69,3 +69,17 @@ def dense_configs(draw, max_seq_len: int = 16) -> dict[str, Any]:
         "tie_word_embeddings": draw(st.sampled_from([True, True, True, False])),
         "max_position_embeddings": 4096,
     }
+
+
+@st.composite
+def moe_configs(draw, max_seq_len: int = 16) -> dict[str, Any]:
+    """A small 26B-A4B-style config: dense MLP beside routed experts in every layer (E >= 2, k <= E)."""
+    config = draw(dense_configs(max_seq_len))
+    experts = draw(st.sampled_from([2, 4, 8, 16]))
+    config.update(
+        enable_moe_block=True,
+        num_experts=experts,
+        top_k_experts=draw(st.integers(1, experts)),
+        moe_intermediate_size=draw(st.sampled_from([8, 16, 24])),
+    )
+    return config

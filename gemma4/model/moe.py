@@ -106,7 +106,7 @@ class Gemma4MoELayer(MoELayer):
 
     def preprocess(self, hidden_states, probs, routing_map):
         # The experts' input norm (pre_feedforward_layernorm_2), applied before dispatch.
-        return super().preprocess(self.pre_experts_layernorm(hidden_states), probs, routing_map)
+        return super().preprocess(self.pre_experts_layernorm(hidden_states).contiguous(), probs, routing_map)
 
     def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None, padding_mask=None):
         """Raw residual ``[s, b, H]`` -> (dense + routed branch output, None)."""

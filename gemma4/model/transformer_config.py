@@ -85,6 +85,7 @@ def make_transformer_config(
             moe_ffn_hidden_size=spec.moe_intermediate_size,
             moe_token_dispatcher_type="allgather",
             moe_router_load_balancing_type="none",
+            moe_router_pre_softmax=True,  # HF: softmax over all experts, then top-k (Gemma4Router does it)
             moe_aux_loss_coeff=0.0,  # HF trains without one; a user may ask for it via overrides
             moe_grouped_gemm=False,
             moe_permute_fusion=False,

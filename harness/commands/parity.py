@@ -35,6 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--cp", type=int, default=1, help="context parallel size (zig-zag, 2*cp chunks per sequence)"
     )
+    p.add_argument("--ep", type=int, default=1, help="expert parallel size (MoE; EP ranks split the batch)")
     p.add_argument("--sequence-parallel", action="store_true", help="sequence parallelism (needs --tp > 1)")
     p.add_argument("--dump", type=Path, help="write inputs/megatron/hf safetensors into this directory")
     p.add_argument("--json", type=Path, help="write the result as JSON")
@@ -112,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidInputError(
                 f"--packed expects comma-separated lengths like 8,12,4, got {args.packed!r}"
             ) from None
-    layout = RunLayout(tp=args.tp, cp=args.cp, sequence_parallel=args.sequence_parallel, packed=packed)
+    layout = RunLayout(
+        tp=args.tp, cp=args.cp, ep=args.ep, sequence_parallel=args.sequence_parallel, packed=packed
+    )
     source = resolve_source(args.preset, args.hf_config, args.hf_checkpoint)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     result = run_parity(

@@ -40,7 +40,8 @@ class RopeSpec:
 
 @dataclass(frozen=True)
 class Gemma4TextSpec:
-    """Validated Gemma 4 text-decoder hyper-parameters (dense and MoE; PLE/KV sharing are refused for now)."""
+    """Validated Gemma 4 text-decoder hyper-parameters: dense, MoE, and the E-series features (PLE, KV
+    sharing, double-wide MLP)."""
 
     vocab_size: int
     hidden_size: int
@@ -66,6 +67,13 @@ class Gemma4TextSpec:
     num_experts: int | None = None
     top_k_experts: int | None = None
     moe_intermediate_size: int | None = None
+    # E2B/E4B: per-layer embeddings of width `ple_dim` (0 = off) from a `ple_vocab_size`-row table; KV
+    # sharing modes per layer (None, "store", "reuse"); MLP width per layer (2x on reuse layers when the
+    # double-wide MLP is on).
+    ple_dim: int = 0
+    ple_vocab_size: int = 0
+    kv_sharing: tuple[str | None, ...] = ()
+    intermediate_sizes: tuple[int, ...] = ()
 
     # ---- per-layer helpers -------------------------------------------------------------------------
     def is_sliding(self, layer: int) -> bool:
@@ -73,8 +81,22 @@ class Gemma4TextSpec:
         return self.layer_types[layer] == SLIDING
 
     def has_v_proj(self, layer: int) -> bool:
-        """K=V full layers have no ``v_proj``: V is v_norm of the raw K projection (facts §1.5)."""
-        return not (self.attention_k_eq_v and not self.is_sliding(layer))
+        """K=V full layers have no ``v_proj``: V is v_norm of the raw K projection (facts §1.5); KV-shared
+        (reuse) layers own no K/V at all."""
+        return not self.reuses_kv(layer) and not (self.attention_k_eq_v and not self.is_sliding(layer))
+
+    def reuses_kv(self, layer: int) -> bool:
+        """KV-shared layer: reads K/V of the last earlier layer of its type ("store"), owns no K/V weights."""
+        return bool(self.kv_sharing) and self.kv_sharing[layer] == "reuse"
+
+    @property
+    def kv_sharing_reuse(self) -> tuple[bool, ...]:
+        """Per layer: does it reuse another layer's K/V."""
+        return tuple(self.reuses_kv(i) for i in range(self.num_layers))
+
+    def stores_kv(self, layer: int) -> bool:
+        """The layer whose K/V the later reuse layers of its type read."""
+        return bool(self.kv_sharing) and self.kv_sharing[layer] == "store"
 
     def head_dim_of(self, layer_type: str) -> int:
         """Head dim shared by every layer of ``layer_type``."""
@@ -99,6 +121,8 @@ class Gemma4TextSpec:
         """A JSON-serialisable summary (for reports and goldens)."""
         d = asdict(self)
         d["layer_types"] = list(self.layer_types)
+        d["kv_sharing"] = list(self.kv_sharing)
+        d["intermediate_sizes"] = list(self.intermediate_sizes)
         d["head_dims"] = list(self.head_dims)
         d["num_kv_heads"] = list(self.num_kv_heads)
         return d
@@ -208,22 +232,39 @@ def text_spec_from_hf(cfg: Any) -> Gemma4TextSpec:
             raise ConfigError(f"field 'layer_types[{i}]' is {t!r}; expected one of {list(LAYER_TYPES)}")
 
     # Refuse what this model does not build yet, naming the field.
-    if d.get("hidden_size_per_layer_input"):
+    ple_dim = d.get("hidden_size_per_layer_input") or 0
+    if not isinstance(ple_dim, int) or isinstance(ple_dim, bool) or ple_dim < 0:
         raise ConfigError(
-            "field 'hidden_size_per_layer_input' is "
-            f"{d['hidden_size_per_layer_input']}: per-layer embeddings (PLE, E2B/E4B) are not supported yet; "
-            "set it to 0 for dense 31B/12B-style configs"
+            f"field 'hidden_size_per_layer_input' must be a non-negative integer, got {ple_dim!r}"
         )
-    if d.get("num_kv_shared_layers"):
+    ple_vocab = d.get("vocab_size_per_layer_input") or 0
+    if ple_dim and (not isinstance(ple_vocab, int) or ple_vocab <= 0):
         raise ConfigError(
-            f"field 'num_kv_shared_layers' is {d['num_kv_shared_layers']}: KV sharing is not supported yet"
+            f"field 'vocab_size_per_layer_input' must be a positive integer with PLE, got {ple_vocab!r}"
         )
+    n_shared = d.get("num_kv_shared_layers") or 0
+    if not isinstance(n_shared, int) or isinstance(n_shared, bool) or not 0 <= n_shared < n_layers:
+        raise ConfigError(
+            f"field 'num_kv_shared_layers' must be an integer in [0, num_hidden_layers) = [0, {n_layers}), "
+            f"got {n_shared!r} (a model where every layer reuses K/V has no producer)"
+        )
+    try:
+        sharing = tuple(cfg.kv_sharing_modes)
+    except ValueError as exc:  # HF: a reused layer type with no earlier producer
+        raise ConfigError(f"field 'num_kv_shared_layers' ({n_shared}) with 'layer_types': {exc}") from exc
+    double_wide = bool(d.get("use_double_wide_mlp")) and n_shared > 0
     moe = bool(d.get("enable_moe_block"))
     if moe:
         n_exp, top_k, moe_inter = d.get("num_experts"), d.get("top_k_experts"), d.get("moe_intermediate_size")
-        for name, value in (("num_experts", n_exp), ("top_k_experts", top_k), ("moe_intermediate_size", moe_inter)):
+        for name, value in (
+            ("num_experts", n_exp),
+            ("top_k_experts", top_k),
+            ("moe_intermediate_size", moe_inter),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"field {name!r} must be a positive integer with enable_moe_block, got {value!r}")
+                raise ConfigError(
+                    f"field {name!r} must be a positive integer with enable_moe_block, got {value!r}"
+                )
         if top_k > n_exp:
             raise ConfigError(f"field 'top_k_experts' ({top_k}) exceeds 'num_experts' ({n_exp})")
     if d.get("use_bidirectional_attention") == "all":
@@ -325,6 +366,10 @@ def text_spec_from_hf(cfg: Any) -> Gemma4TextSpec:
         pad_token_id=d.get("pad_token_id"),
         bos_token_id=d.get("bos_token_id"),
         eos_token_id=d.get("eos_token_id"),
+        ple_dim=ple_dim,
+        ple_vocab_size=ple_vocab if ple_dim else 0,
+        kv_sharing=sharing,
+        intermediate_sizes=tuple(inter * (2 if double_wide and m == "reuse" else 1) for m in sharing),
         enable_moe=moe,
         num_experts=d.get("num_experts") if moe else None,
         top_k_experts=d.get("top_k_experts") if moe else None,

@@ -183,6 +183,7 @@ class RunLayout:
     sequence_parallel: bool = False
     packed: tuple[int, ...] | None = None
     ep: int = 1
+    recompute: bool = False  # full activation recompute, one layer per checkpoint
 
     @property
     def world_size(self) -> int:
@@ -195,6 +196,8 @@ class RunLayout:
             parts.append(f"cp{self.cp}")
         if self.ep > 1:
             parts.append(f"ep{self.ep}")
+        if self.recompute:
+            parts.append("recompute")
         if self.packed:
             parts.append("packed[" + ",".join(map(str, self.packed)) + "]")
         return "-".join(parts)
@@ -384,6 +387,8 @@ def run_megatron_rank(
     dp_rank = ps.get_data_parallel_rank()
     ep_rank = ps.get_expert_model_parallel_rank()
     overrides = {"expert_model_parallel_size": layout.ep} if spec.enable_moe else {}
+    if layout.recompute:
+        overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     model = build_gemma4_model(
         spec,
         dtype,

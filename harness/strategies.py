@@ -83,3 +83,21 @@ def moe_configs(draw, max_seq_len: int = 16) -> dict[str, Any]:
         moe_intermediate_size=draw(st.sampled_from([8, 16, 24])),
     )
     return config
+
+
+@st.composite
+def e_series_configs(draw, max_seq_len: int = 16) -> dict[str, Any]:
+    """E2B/E4B-style configs: per-layer embeddings, the last S layers reusing K/V, maybe double-wide MLPs."""
+    config = draw(dense_configs(max_seq_len))
+    types = config["layer_types"]
+    # S must leave an earlier producer for every reused layer type (HF raises otherwise).
+    valid = [s for s in range(0, len(types)) if set(types[len(types) - s :]) <= set(types[: len(types) - s])]
+    config.update(
+        attention_k_eq_v=draw(st.sampled_from([False, False, True])),
+        hidden_size_per_layer_input=draw(st.sampled_from([4, 8])),
+        vocab_size_per_layer_input=config["vocab_size"],
+        num_kv_shared_layers=draw(st.sampled_from(valid)),
+        use_double_wide_mlp=draw(st.booleans()),
+        num_global_key_value_heads=draw(st.sampled_from([None, config["num_global_key_value_heads"]])),
+    )
+    return config

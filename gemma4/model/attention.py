@@ -35,6 +35,14 @@ class KEqVColumnParallelLinear(ColumnParallelLinear):
         super().__init__(input_size, output_size - kv_projection, config=config, **kwargs)
 
 
+class QOnlyColumnParallelLinear(ColumnParallelLinear):
+    """``linear_qkv`` of KV-shared (reuse) layers: only the query rows (their K/V come from the store layer)."""
+
+    def __init__(self, input_size: int, output_size: int, *, config, **kwargs) -> None:
+        kv_projection = config.kv_channels * config.num_query_groups
+        super().__init__(input_size, output_size - 2 * kv_projection, config=config, **kwargs)
+
+
 class Gemma4SelfAttention(SelfAttention):
     """Megatron ``SelfAttention`` with Gemma 4's q/k/v norms, K=V and per-layer-type RoPE.
 
@@ -49,6 +57,7 @@ class Gemma4SelfAttention(SelfAttention):
         self.gemma4 = spec
         self.layer_type = config.layer_type
         self.k_eq_v = spec.attention_k_eq_v and self.layer_type != SLIDING
+        self.reuses_kv = spec.reuses_kv(layer_number - 1)
         ng, tp = config.num_query_groups, self.world_size
         if (ng >= tp and ng % tp) or (ng < tp and tp % ng):
             raise ValueError(
@@ -56,9 +65,13 @@ class Gemma4SelfAttention(SelfAttention):
             )
 
     def get_query_key_value_tensors(self, hidden_states, key_value_states=None, *args, **kwargs):
-        """``[s, b, h]`` -> q ``[s, b, np, d]``, k and v ``[s, b, ng, d]`` with Gemma 4's norms applied."""
+        """``[s, b, h]`` -> q ``[s, b, np, d]``, k and v ``[s, b, ng, d]`` with Gemma 4's norms applied
+        (k and v are None on KV-shared layers, which only project queries)."""
         mixed, _ = self.linear_qkv(hidden_states)
         d = self.hidden_size_per_attention_head
+        if self.reuses_kv:  # Q rows only, split contiguously over TP like the query heads
+            query = mixed.view(*mixed.shape[:2], -1, d)
+            return self.q_layernorm(query), None, None
         ng_total = self.config.num_query_groups
         replicated = ng_total < self.world_size
         if replicated:  # fewer KV heads than ranks: gather, keep this rank's group
@@ -99,9 +112,16 @@ class Gemma4SelfAttention(SelfAttention):
         sequence_len_offset=None,
         *,
         inference_params=None,
+        shared_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        return_kv: bool = False,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``[s, b, h]`` -> (``[s, b, h]``, bias). ``rotary_pos_emb`` holds the packed RoPE angles."""
+    ):
+        """``[s, b, h]`` -> (``[s, b, h]``, bias), plus the layer's (K, V) when ``return_kv``.
+
+        ``rotary_pos_emb`` holds the packed RoPE angles. KV-shared layers take ``shared_kv``: the store
+        layer's K after k_norm and RoPE and its v-normed V (HF ``shared_kv_states``), and apply their own
+        RoPE to the queries only.
+        """
         if inference_context is not None or inference_params is not None:
             raise NotImplementedError("Gemma4SelfAttention: KV-cache inference is not implemented")
         if rotary_pos_emb is None:
@@ -111,7 +131,12 @@ class Gemma4SelfAttention(SelfAttention):
         angles = rope.angles_for(self.gemma4, rotary_pos_emb, self.layer_type)
         cos, sin = rope.cos_sin(angles, query.dtype)
         query = rope.apply_rotary(query, cos, sin)
-        key = rope.apply_rotary(key, cos, sin)
+        if self.reuses_kv:
+            if shared_kv is None:
+                raise ValueError("a KV-shared layer needs the store layer's K/V (shared_kv)")
+            key, value = shared_kv
+        else:
+            key = rope.apply_rotary(key, cos, sin)
 
         core = self.core_attention(
             query,
@@ -121,4 +146,5 @@ class Gemma4SelfAttention(SelfAttention):
             attn_mask_type=self.attn_mask_type,
             packed_seq_params=packed_seq_params,
         )
-        return self.linear_proj(core)
+        out, bias = self.linear_proj(core)
+        return (out, bias, (key, value)) if return_kv else (out, bias)

@@ -14,6 +14,8 @@
   chunks; caller-given ``position_ids`` are honoured only for plain (unpacked, CP 1) batches.
 * Padding row: HF's embedding is ``nn.Embedding(padding_idx=pad_token_id)``, so the lookup of a pad token
   sends no gradient into that row; we cut the same gradient (the forward value is unchanged).
+* E2B/E4B: the per-layer embeddings (PLE) are computed here from the ids and the scaled embedding and
+  handed to the layers, with zeroed slots for shared K/V, in the carry (``gemma4.model.carry``).
 * Head: tied output layer (Megatron's ``share_embeddings_and_output_weights``), then
   ``c * tanh(logits / c)`` applied once, before any loss (facts §6.12).
 """
@@ -23,8 +25,10 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
 from gemma4.model import rope
+from gemma4.model.carry import carry_layout, needs_carry
 from gemma4.model.sequence_layout import Gemma4SeqLayout, make_layout
 from gemma4.model.spec import get_gemma4_decoder_block_spec
 
@@ -76,6 +80,50 @@ class Gemma4Model(GPTModel):
             **kwargs,
         )
         self.gemma4 = spec
+        self._block_kwargs: dict | None = None
+        if spec.ple_dim and self.pre_process:
+            self._build_per_layer_embeddings(config)
+
+    def _build_per_layer_embeddings(self, config) -> None:
+        """PLE (E2B/E4B): a ``[V_ple, L·P]`` table (vocab-parallel: it is the largest tensor of the model),
+        the ``H -> L·P`` projection of the scaled embedding (column-parallel, gathered), and its norm."""
+        import copy
+
+        from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
+
+        from gemma4.model.norms import Gemma4RMSNorm
+
+        spec = self.gemma4
+        width = spec.num_layers * spec.ple_dim
+        self.per_layer_embedding = VocabParallelEmbedding(
+            spec.ple_vocab_size, width, init_method=config.init_method, config=config
+        )
+        no_sp = copy.copy(config)  # fed the full local sequence, also under sequence parallelism
+        no_sp.sequence_parallel = False
+        self.per_layer_model_projection = ColumnParallelLinear(
+            config.hidden_size,
+            width,
+            config=no_sp,
+            init_method=config.init_method,
+            bias=False,
+            gather_output=True,
+        )
+        # Also sees the full local sequence on every rank: its gradient is complete, not SP-partial.
+        self.per_layer_projection_norm = Gemma4RMSNorm(no_sp, spec.ple_dim, eps=config.layernorm_epsilon)
+
+    def _per_layer_inputs(self, embeddings: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """HF ``get_per_layer_inputs`` + ``project_per_layer_inputs``: ``[s, b, L, P]`` from the scaled main
+        embedding (full local sequence) and the token ids."""
+        spec = self.gemma4
+        s, b = embeddings.shape[:2]
+        table = self.per_layer_embedding.weight
+        tokens = self.per_layer_embedding(input_ids) * embedding_scale(spec.ple_dim, table.dtype)
+        tokens = self._cut_padding_gradient(tokens.transpose(0, 1), input_ids, sequence_sharded=False)
+        tokens = tokens.reshape(s, b, spec.num_layers, spec.ple_dim)
+        projected, _ = self.per_layer_model_projection(embeddings)
+        projected = projected * self.config.hidden_size**-0.5  # HF: a Python float
+        projected = self.per_layer_projection_norm(projected.reshape(s, b, spec.num_layers, spec.ple_dim))
+        return (projected + tokens) * 2.0**-0.5
 
     def sequence_layout(self, input_ids: torch.Tensor, packed_seq_params=None) -> Gemma4SeqLayout:
         """Layout of this rank's ``[b, s_local]`` tokens (documents, positions, CP chunks)."""
@@ -113,19 +161,38 @@ class Gemma4Model(GPTModel):
             weight_dtype = self.embedding.word_embeddings.weight.dtype
             emb = out[0] * embedding_scale(self.config.hidden_size, weight_dtype)
             out[0] = self._cut_padding_gradient(emb, input_ids)
+        if self._block_kwargs is not None and needs_carry(self.gemma4):
+            self._block_kwargs["context"] = self._initial_carry(out[0], input_ids)
         layout = packed_seq_params
         if position_ids is None or layout.packed or layout.cp_size > 1:
             position_ids = layout.q_pos.unsqueeze(0).expand(input_ids.shape[0], -1)
         out[1] = rope.rope_angles(self.gemma4, position_ids, self.config.params_dtype)
         return tuple(out)
 
-    def _cut_padding_gradient(self, emb: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    def _initial_carry(self, embeddings: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The carry the first layer gets: the PLE inputs, zeros where store layers will put their K/V."""
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        s_kv, b = input_ids.shape[1], input_ids.shape[0]
+        s_tok = s_kv // tp if self.config.sequence_parallel else s_kv
+        layout = carry_layout(self.gemma4, s_tok, s_kv, b, tp)
+        carry = torch.zeros(layout.numel, dtype=embeddings.dtype, device=embeddings.device)
+        if layout.ple is not None:
+            if self.config.sequence_parallel:  # each rank holds the same full copy; backward takes its part
+                embeddings = gather_from_sequence_parallel_region(
+                    embeddings, tensor_parallel_output_grad=False
+                )
+            carry = layout.ple.write(carry, self._per_layer_inputs(embeddings, input_ids))
+        return carry
+
+    def _cut_padding_gradient(
+        self, emb: torch.Tensor, input_ids: torch.Tensor, sequence_sharded: bool = True
+    ) -> torch.Tensor:
         """``emb`` is ``[s(/tp under SP), b, h]``; positions holding ``pad_token_id`` get a detached value."""
         pad = self.gemma4.pad_token_id
         if pad is None or not emb.requires_grad:
             return emb
         is_pad = (input_ids == pad).transpose(0, 1)  # [s, b]
-        if self.config.sequence_parallel:
+        if self.config.sequence_parallel and sequence_sharded:
             chunk = emb.shape[0]
             rank = parallel_state.get_tensor_model_parallel_rank()
             is_pad = is_pad[rank * chunk : (rank + 1) * chunk]
@@ -149,15 +216,22 @@ class Gemma4Model(GPTModel):
         ``packed_seq_params`` (THD, batch 1) describes packed documents by ``cu_seqlens_q[_padded]``.
         """
         layout = self.sequence_layout(input_ids, packed_seq_params)
-        output = super().forward(
-            input_ids,
-            position_ids,
-            attention_mask,
-            decoder_input=decoder_input,
-            labels=None,
-            packed_seq_params=layout,
-            **kwargs,
-        )
+        # _preprocess puts the layer carry (PLE inputs, shared K/V slots) into these block kwargs: the decoder
+        # is called with them right after it (GPTModel.forward), and threads them as ``context``.
+        self._block_kwargs = dict(kwargs.pop("extra_block_kwargs", None) or {})
+        try:
+            output = super().forward(
+                input_ids,
+                position_ids,
+                attention_mask,
+                decoder_input=decoder_input,
+                labels=None,
+                packed_seq_params=layout,
+                extra_block_kwargs=self._block_kwargs,
+                **kwargs,
+            )
+        finally:
+            self._block_kwargs = None
         if not self.post_process:
             return output
         logits = softcap(output, self.gemma4.final_logit_softcapping)

@@ -73,12 +73,19 @@ class Gemma4Router(MegatronModule):
         return dense, routing_map
 
     def _attach_aux_loss(self, probs, routing_map, output):
-        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, switch_load_balancing_loss_func
+        from megatron.core.transformer.moe.moe_utils import (
+            MoEAuxLossAutoScaler,
+            switch_load_balancing_loss_func,
+        )
 
         tokens_per_expert = routing_map.sum(dim=0)
         aux = switch_load_balancing_loss_func(
-            probs=probs, tokens_per_expert=tokens_per_expert, total_num_tokens=probs.shape[0],
-            topk=self.topk, num_experts=probs.shape[1], moe_aux_loss_coeff=self.config.moe_aux_loss_coeff,
+            probs=probs,
+            tokens_per_expert=tokens_per_expert,
+            total_num_tokens=probs.shape[0],
+            topk=self.topk,
+            num_experts=probs.shape[1],
+            moe_aux_loss_coeff=self.config.moe_aux_loss_coeff,
         )
         return MoEAuxLossAutoScaler.apply(output, aux)
 
@@ -91,12 +98,21 @@ class Gemma4MoELayer(MoELayer):
     ``post_experts_layernorm`` around the routed experts.
     """
 
-    def __init__(self, config, submodules, layer_number: int | None = None, pg_collection=None,
-                 dense_mlp=None, norm=None) -> None:
+    def __init__(
+        self,
+        config,
+        submodules,
+        layer_number: int | None = None,
+        pg_collection=None,
+        dense_mlp=None,
+        norm=None,
+    ) -> None:
         super().__init__(config, submodules, layer_number=layer_number, pg_collection=pg_collection)
 
         def build_norm():
-            return build_module(norm, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
+            return build_module(
+                norm, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
+            )
 
         self.pre_dense_layernorm = build_norm()
         self.dense_mlp = build_module(dense_mlp, config=config, tp_group=self.tp_group)

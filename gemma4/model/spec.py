@@ -20,7 +20,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from gemma4.config import SLIDING, Gemma4TextSpec
-from gemma4.model.attention import Gemma4SelfAttention, KEqVColumnParallelLinear
+from gemma4.model.attention import Gemma4SelfAttention, KEqVColumnParallelLinear, QOnlyColumnParallelLinear
 from gemma4.model.core_attention import Gemma4CoreAttention
 from gemma4.model.layer import Gemma4TransformerLayer, Gemma4TransformerLayerSubmodules
 from gemma4.model.moe import Gemma4MoELayer, Gemma4Router
@@ -31,17 +31,21 @@ def get_gemma4_layer_spec(spec: Gemma4TextSpec, layer_index: int) -> ModuleSpec:
     """Spec of decoder layer ``layer_index`` (0-based, global)."""
     sliding = spec.layer_types[layer_index] == SLIDING
     k_eq_v = spec.attention_k_eq_v and not sliding
+    reuse = spec.reuses_kv(layer_index)
+    linear_qkv = (
+        QOnlyColumnParallelLinear if reuse else KEqVColumnParallelLinear if k_eq_v else ColumnParallelLinear
+    )
     attention = ModuleSpec(
         module=Gemma4SelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
         submodules=SelfAttentionSubmodules(
-            linear_qkv=KEqVColumnParallelLinear if k_eq_v else ColumnParallelLinear,
+            linear_qkv=linear_qkv,
             core_attention=functools.partial(
                 Gemma4CoreAttention, sliding_window=spec.sliding_window if sliding else None
             ),
             linear_proj=RowParallelLinear,
             q_layernorm=Gemma4RMSNorm,
-            k_layernorm=Gemma4RMSNorm,
+            k_layernorm=None if reuse else Gemma4RMSNorm,  # reuse layers own no K weights
         ),
     )
     mlp = ModuleSpec(
@@ -70,6 +74,9 @@ def get_gemma4_layer_spec(spec: Gemma4TextSpec, layer_index: int) -> ModuleSpec:
             pre_mlp_layernorm=pre_mlp_norm,
             mlp=mlp,
             post_mlp_layernorm=Gemma4RMSNorm,
+            per_layer_input_gate=ColumnParallelLinear if spec.ple_dim else None,
+            per_layer_projection=RowParallelLinear if spec.ple_dim else None,
+            post_per_layer_input_norm=Gemma4RMSNorm if spec.ple_dim else None,
         ),
     )
 

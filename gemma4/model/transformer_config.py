@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from gemma4.config import Gemma4TextSpec
+from gemma4.errors import ConfigError
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +92,13 @@ def make_transformer_config(
             moe_permute_fusion=False,
         )
     kwargs.update(overrides)
-    return Gemma4TransformerConfig(**kwargs)
+    config = Gemma4TransformerConfig(**kwargs)
+    if config.pipeline_model_parallel_size > 1 and (spec.ple_dim or any(spec.kv_sharing_reuse)):
+        raise ConfigError(
+            "pipeline parallelism with per-layer embeddings or KV sharing is not supported: shared K/V and "
+            "the PLE inputs travel from layer to layer inside one stage (use pipeline_model_parallel_size 1)"
+        )
+    return config
 
 
 def config_for_layer(config: Gemma4TransformerConfig, layer_index: int) -> Gemma4TransformerConfig:
@@ -101,4 +108,6 @@ def config_for_layer(config: Gemma4TransformerConfig, layer_index: int) -> Gemma
     layer_cfg.layer_type = spec.layer_types[layer_index]
     layer_cfg.kv_channels = spec.head_dims[layer_index]
     layer_cfg.num_query_groups = spec.num_kv_heads[layer_index]
+    if spec.intermediate_sizes:  # double-wide MLP on KV-shared layers (E2B)
+        layer_cfg.ffn_hidden_size = spec.intermediate_sizes[layer_index]
     return layer_cfg

@@ -171,6 +171,10 @@ def equivalence_rows(rows: list[ParityRow], baseline: str) -> list[EquivalenceRo
     return out
 
 
+def _always(preset: str) -> bool:
+    return True
+
+
 def collect(
     presets: list[str],
     dtypes: list[str],
@@ -188,7 +192,8 @@ def collect(
     from harness.parity import DTYPES
     from harness.tolerances import tolerance_for
 
-    grid = [(p, d, lay) for p in presets for d in dtypes for lay in layouts]
+    # A layout may apply to some presets only (e.g. expert parallelism needs experts).
+    grid = [(p, d, lay) for p in presets for d in dtypes for lay in layouts if lay.get("applies", _always)(p)]
     rows = [
         run_row(p, d, lay, batch, seq_len, seed)
         for p, d, lay in progress(grid, "parity runs", show_progress, total=len(grid))

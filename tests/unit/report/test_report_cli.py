@@ -30,11 +30,11 @@ def goldens(tmp_path_factory) -> Path:
     return directory
 
 
-def report(tmp_path: Path, *extra: str) -> tuple[int, Path, str]:
+def report(tmp_path: Path, *extra: str, layouts: tuple[str, ...] = ("tp1",)) -> tuple[int, Path, str]:
     out = tmp_path / "report"
     rc = main(
         ["report", "--out", str(out), "--junit", str(tmp_path / "junit.xml"), "--preset", "tiny-12b"]
-        + ["--dtype", "float64", *extra]
+        + ["--dtype", "float64", *[a for name in layouts for a in ("--layout", name)], *extra]
     )
     return rc, out, (out / "summary.md").read_text() if (out / "summary.md").exists() else ""
 
@@ -91,7 +91,7 @@ def test_layout_registry_rows_are_run_compared_and_errors_fail_the_report(tmp_pa
             {"name": "broken", "kwargs": {"no_such_option": 1}, "description": "run_parity rejects it"},
         ],
     )
-    rc, out, md = report(tmp_path, "--no-goldens")
+    rc, out, md = report(tmp_path, "--no-goldens", layouts=("tp1", "tp1-again", "broken"))
     stdout = capsys.readouterr().out
     assert rc == 1
     assert "| tiny-12b | float64 | tp1-again | tp1 | 0.00e+00 | 1e-09 | PASS |" in md

@@ -14,7 +14,10 @@ from gemma4.errors import InvalidInputError
 
 COMMAND_MODULES = (
     "harness.commands.parity",
+    "harness.commands.goldens",
+    "harness.commands.report",
     "gemma4.chat.cli",
+    "harness.commands.convert",
 )
 
 EXIT_OK = 0

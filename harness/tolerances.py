@@ -93,24 +93,28 @@ NOISE_FACTOR = 2.0
 def reordered(
     tol: Tolerance, ref_logits_noise: float, ref_activations_noise: float, ref_kl_noise: float
 ) -> Tolerance:
-    """The policy for layouts that reorder reductions (TP partial sums, packed or CP attention shapes).
+    """The noise-floor policy, for computations that may sum in another order than HF.
 
-    Single-process fp32/bf16 runs mirror HF's order and agree bitwise, but a TP all-reduce or a longer
-    masked key axis sums in another order. Then the bound cannot be tighter than the reference's own
-    rounding noise ``e_ref = |HF(dtype) - HF(exact fp64)|`` measured on the same weights and inputs: two
-    computations each about ``e_ref`` from the truth differ by up to ``2 e_ref`` (KL, quadratic: ``4x``).
-    The policy's fixed bound stays the floor, so a well-conditioned run is gated as tightly as before, and
-    a real bug (orders of magnitude above the noise) still fails.
+    Our fp32 and bf16 kernels cannot always mirror HF's reduction order: Megatron packs [gate; up] and QKV
+    into one GEMM (BLAS may block a wider GEMM differently), a TP all-reduce sums partials, a packed or CP
+    attention row has a longer masked key axis, MoE combines experts in dispatcher order. Then the bound cannot
+    be tighter than the reference's own rounding noise ``e_ref = |HF(dtype) - HF(exact fp64)|`` measured on
+    the same weights and inputs: two computations each about ``e_ref`` from the truth differ by up to
+    ``2 e_ref`` (KL, quadratic: ``4x``). The policy's fixed bound stays the floor, so a well-conditioned
+    network is gated exactly as tightly as before; only a network whose HF reference itself cannot compute
+    it to the fixed bound gets its measured noise, and a real bug (orders of magnitude above the noise)
+    still fails. Applied to every fp32 run and to bf16 runs of reordered layouts and MoE (single-process
+    bf16 stays mirrored and bitwise).
     """
     return Tolerance(
-        name=f"{tol.name}+reordered",
+        name=f"{tol.name}+noise-floor",
         logits_max_abs=max(tol.logits_max_abs, NOISE_FACTOR * ref_logits_noise),
         activations_max_scaled=max(tol.activations_max_scaled, NOISE_FACTOR * ref_activations_noise),
         grads_max_scaled=tol.grads_max_scaled,
         kl_max=None if tol.kl_max is None else max(tol.kl_max, NOISE_FACTOR**2 * ref_kl_noise),
         argmax_min=tol.argmax_min,
         why=tol.why
-        + f" Reordered layout: bounds raised to {NOISE_FACTOR:g}x the reference's own noise against exact fp64 "
+        + f" Noise floor: bounds at least {NOISE_FACTOR:g}x the reference's own noise against exact fp64 "
         f"(logits {ref_logits_noise:.2e}, activations {ref_activations_noise:.2e}, KL {ref_kl_noise:.2e}).",
     )
 
@@ -124,3 +128,37 @@ def tolerance_for(dtype: torch.dtype) -> Tolerance:
     if dtype == torch.bfloat16:
         return BF16_CPU_MIRRORED
     raise ValueError(f"no tolerance policy for dtype {dtype}")
+
+
+# ---- GPU bf16 (tox -e gpu-parity) ----------------------------------------------------------------------
+# On CUDA the two sides run different kernels (cuBLAS tiles the packed QKV and [gate; up] GEMMs differently
+# from HF's separate projections; flash-attn's online softmax differs from eager), so bf16 results differ by
+# rounding even for a perfect port, unlike CPU bf16. The policy is reordered() evaluated on the GPU run: each
+# bound is max(fixed floor, 2x the noise of HF's own bf16 CUDA run against the exact-fp64 reference on the same
+# bf16-rounded weights and inputs), measured in the same test. Per-token log-probs get the same rule.
+
+BF16_GPU = Tolerance(
+    name="bf16-gpu-cross-kernel",
+    logits_max_abs=2.0**-5,
+    activations_max_scaled=2.0**-9,
+    grads_max_scaled=None,
+    kl_max=1e-6,
+    argmax_min=1.0,
+    why=(
+        "bf16 on CUDA, HF eager vs our Megatron model (cuBLAS / flash-attn kernels on both sides). The floors are "
+        "the CPU bf16 ones; the noise rule raises them to 2x HF's own distance from exact fp64 (KL 4x). "
+        "argmax_min applies to decisive tokens only: those whose reference top-2 logit margin exceeds twice the "
+        "logits bound, which no error within the bound can flip."
+    ),
+)
+BF16_GPU_LOGPROB_FLOOR = 2.0**-5
+
+
+def gpu_bf16(ref_logits_noise: float, ref_activations_noise: float, ref_kl_noise: float) -> Tolerance:
+    """:data:`BF16_GPU` raised to the measured noise floor (see the section comment)."""
+    return reordered(BF16_GPU, ref_logits_noise, ref_activations_noise, ref_kl_noise)
+
+
+def gpu_logprob_bound(ref_logprob_noise: float) -> float:
+    """Per-token max |Δ log p| bound: max(2^-5, 2x HF's own max |Δ log p| against exact fp64)."""
+    return max(BF16_GPU_LOGPROB_FLOOR, NOISE_FACTOR * ref_logprob_noise)

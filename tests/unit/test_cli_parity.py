@@ -217,3 +217,22 @@ def test_module_entry_point_subprocess(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "r.json").read_text())["pass"] is True
+
+
+def test_released_e_series_checkpoint_with_dead_kv_weights(tmp_path):
+    """Released E2B/E4B checkpoints still carry k_proj/v_proj/k_norm on KV-shared layers: accepted, dropped
+    with a note, and parity holds (fp64 and fp32)."""
+    _save_causal_lm(tmp_path / "ckpt", "tiny-e2b")
+    f = tmp_path / "ckpt" / "model.safetensors"
+    t = load_file(f)
+    gen = torch.Generator().manual_seed(0)
+    for layer in range(6, 10):  # the KV-shared layers of tiny-e2b
+        d = 32 if layer == 9 else 16
+        t[f"model.layers.{layer}.self_attn.k_proj.weight"] = torch.randn(d, 64, generator=gen)
+        t[f"model.layers.{layer}.self_attn.v_proj.weight"] = torch.randn(d, 64, generator=gen)
+        t[f"model.layers.{layer}.self_attn.k_norm.weight"] = torch.randn(d, generator=gen)
+    save_file(t, f)
+    out = tmp_path / "r.json"
+    assert main(["parity", "--hf-checkpoint", str(tmp_path / "ckpt"), "--json", str(out)]) == 0
+    assert any("KV-shared" in n for n in json.loads(out.read_text())["notes"])
+    assert main(["parity", "--hf-checkpoint", str(tmp_path / "ckpt"), "--dtype", "float32"]) == 0

@@ -1,0 +1,126 @@
+"""``gemma4-harness convert``: HF <-> Megatron checkpoints, and a bit-exact round-trip check.
+
+* ``hf-to-mcore --hf DIR --out DIR [--tp N] [--ep N]``: write a Megatron checkpoint (per-rank safetensors
+  + ``gemma4_mcore.json``).
+* ``mcore-to-hf --mcore DIR --out DIR``: export it as a ``Gemma4ForCausalLM`` directory.
+* ``roundtrip --hf DIR [--tp N] [--ep N]``: HF -> Megatron -> HF in a scratch directory; exit 0 iff every
+  text tensor comes back with the same name, shape, dtype and bytes.
+
+Exit 2 (one line, no traceback, nothing left behind) for invalid input: the message names the file, tensor,
+field or flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``convert`` and its three directions."""
+    p = sub.add_parser("convert", help="convert Gemma 4 weights between HF and Megatron checkpoints")
+    directions = p.add_subparsers(dest="direction", required=True, parser_class=type(p))
+
+    a = directions.add_parser("hf-to-mcore", help="HF directory -> Megatron checkpoint")
+    a.add_argument(
+        "--hf", type=Path, required=True, help="HF checkpoint directory (config.json + safetensors)"
+    )
+    a.add_argument("--out", type=Path, required=True, help="new (or empty) output directory")
+    a.add_argument("--tp", type=int, default=1, help="tensor-parallel size to shard for")
+    a.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models only)")
+    a.add_argument(
+        "--format",
+        choices=["safetensors", "torch_dist"],
+        default="safetensors",
+        help="per-rank safetensors (default, streamed) or Megatron torch_dist (for --load; whole model in memory)",
+    )
+    a.add_argument("--json", type=Path, help="write the report as JSON")
+    a.set_defaults(func=run_hf_to_mcore)
+
+    b = directions.add_parser("mcore-to-hf", help="Megatron checkpoint -> HF directory (Gemma4ForCausalLM)")
+    b.add_argument("--mcore", type=Path, required=True, help="checkpoint written by hf-to-mcore")
+    b.add_argument("--out", type=Path, required=True, help="new (or empty) output directory")
+    b.add_argument(
+        "--hf-config", type=Path, help="config.json of the model (torch_dist checkpoints saved by Megatron)"
+    )
+    b.add_argument("--json", type=Path, help="write the report as JSON")
+    b.set_defaults(func=run_mcore_to_hf)
+
+    c = directions.add_parser("roundtrip", help="HF -> Megatron -> HF; exit 0 iff bit-exact")
+    c.add_argument("--hf", type=Path, required=True, help="HF checkpoint directory")
+    c.add_argument("--tp", type=int, default=1)
+    c.add_argument("--ep", type=int, default=1)
+    c.add_argument("--format", choices=["safetensors", "torch_dist"], default="safetensors")
+    c.add_argument("--workdir", type=Path, help="scratch space (default: the system temp directory)")
+    c.add_argument("--json", type=Path, help="write the report as JSON")
+    c.set_defaults(func=run_roundtrip)
+
+
+def _write_json(path: Path | None, report: dict[str, Any]) -> None:
+    """Write ``report`` to ``path`` atomically (temp file + rename)."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _print_notes(report: dict[str, Any]) -> None:
+    for note in report.get("notes", []):
+        print(f"  note: {note}")
+
+
+def run_hf_to_mcore(args: argparse.Namespace) -> int:
+    """``convert hf-to-mcore``."""
+    from gemma4.conversion.convert import hf_to_mcore_dir
+
+    report = hf_to_mcore_dir(args.hf, args.out, tp=args.tp, ep=args.ep, fmt=args.format)
+    print(
+        f"wrote Megatron checkpoint {report['out']} ({report['format']}, tp={report['tp']} ep={report['ep']} "
+        f"{report['dtype']}, {report['hf_tensors']} HF tensors) in {report['seconds']:.2f} s"
+    )
+    _print_notes(report)
+    _write_json(args.json, report)
+    return 0
+
+
+def run_mcore_to_hf(args: argparse.Namespace) -> int:
+    """``convert mcore-to-hf``."""
+    from gemma4.conversion.convert import mcore_to_hf_dir
+
+    report = mcore_to_hf_dir(args.mcore, args.out, hf_config=args.hf_config)
+    print(
+        f"wrote HF checkpoint {report['out']} ({report['hf_tensors']} tensors, {report['dtype']}) "
+        f"in {report['seconds']:.2f} s"
+    )
+    _print_notes(report)
+    _write_json(args.json, report)
+    return 0
+
+
+def run_roundtrip(args: argparse.Namespace) -> int:
+    """``convert roundtrip``: exit 0 iff bit-exact, 1 otherwise."""
+    from gemma4.conversion.convert import roundtrip
+
+    report = roundtrip(args.hf, tp=args.tp, ep=args.ep, workdir=args.workdir, fmt=args.format)
+    verdict = "bit-exact" if report["identical"] else f"{len(report['differences'])} differences"
+    print(
+        f"roundtrip {args.hf} ({report['format']}) tp={report['tp']} ep={report['ep']} {report['dtype']}: "
+        f"{report['tensors']} tensors, {verdict}"
+    )
+    _print_notes(report)
+    _write_json(args.json, report)
+    for d in report["differences"][:20]:
+        print(f"  - {d}")
+    print("PASS" if report["identical"] else "FAIL")
+    return 0 if report["identical"] else 1

@@ -11,7 +11,7 @@ global experts ``[r·E/ep, (r+1)·E/ep)`` as ``local_experts.0 ..`` (Megatron's 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -31,6 +31,33 @@ def shard_like(full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp_size: i
             f"of {per_piece} along dim {dim}"
         )
     return torch.cat(pieces[tp_rank::tp_size], dim=dim)
+
+
+def gather_like(shards: Sequence[torch.Tensor], param: torch.Tensor) -> torch.Tensor:
+    """The full tensor from every TP rank's shard of ``param`` (``shards`` in TP-rank order): the inverse
+    of :func:`shard_like`. Rank r holds pieces ``r, r + tp, r + 2·tp, ..`` of ``full`` split into
+    ``tp · stride`` pieces along ``partition_dim``, so the pieces are re-interleaved, not just concatenated
+    (GLU ``linear_fc1``: ``[gate_0; up_0], [gate_1; up_1]`` -> ``[gate_0; gate_1; up_0; up_1]``).
+    Replicated parameters (and TP = 1) give rank 0's tensor back."""
+    if not shards:
+        raise InvalidInputError("gather_like: no shards given")
+    tp_size = len(shards)
+    if tp_size == 1 or not getattr(param, "tensor_model_parallel", False):
+        return shards[0]
+    dim, stride = param.partition_dim, param.partition_stride
+    for rank, shard in enumerate(shards):
+        if tuple(shard.shape) != tuple(param.shape):
+            raise InvalidInputError(
+                f"gather_like: shard of TP rank {rank} has shape {tuple(shard.shape)}, the parameter's is "
+                f"{tuple(param.shape)}"
+            )
+    if param.shape[dim] % stride:
+        raise InvalidInputError(
+            f"gather_like: dim {dim} of size {param.shape[dim]} is not divisible by stride {stride}"
+        )
+    per_piece = param.shape[dim] // stride
+    pieces = [torch.split(shard, per_piece, dim=dim) for shard in shards]
+    return torch.cat([pieces[rank][j] for j in range(stride) for rank in range(tp_size)], dim=dim)
 
 
 _LOCAL_EXPERT = re.compile(r"(\.experts\.local_experts\.)(\d+)(\.)")

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "harness.commands.report",
     "gemma4.chat.cli",
     "harness.commands.convert",
+    "harness.commands.e2e_mini",
 )
 
 EXIT_OK = 0

@@ -324,7 +324,7 @@ def reference_noise(
     return logits, acts, kl
 
 
-def _finalize_grads(model: torch.nn.Module, config) -> None:
+def finalize_grads(model: torch.nn.Module, config) -> None:
     """What Megatron's DDP + finalize_model_grads do for these grads: sum over data x context parallel ranks
     (each saw other tokens) for every parameter Megatron all-reduces (``allreduce``: not the experts an EP
     rank owns), and over TP for sequence-parallel norm weights and q/k layernorms (each rank saw part)."""
@@ -414,7 +414,7 @@ def run_megatron_rank(
     }
     if grads:
         lm_loss(logits, local_labels).backward()
-        _finalize_grads(model, model.config)
+        finalize_grads(model, model.config)
         diffs, missing = {}, []
         floor = GRAD_SCALE_FLOOR * max(float(g.abs().max()) for g in ref_grads.values() if g.numel())
         for name, p in model.named_parameters():

@@ -42,10 +42,15 @@ def test_all_forms_agree(name, tmp_path):
     specs.append(text_spec_from_any(tmp_path / "config.json"))
     assert all(s == specs[0] for s in specs)
     s = specs[0]
+    global_kv = (
+        d["num_global_key_value_heads"] if d["attention_k_eq_v"] and d["num_global_key_value_heads"] else None
+    )
     for i, t in enumerate(s.layer_types):
         assert s.head_dims[i] == (d["global_head_dim"] if t == F else d["head_dim"])
-        assert s.num_kv_heads[i] == (d["num_global_key_value_heads"] if t == F else d["num_key_value_heads"])
-        assert s.has_v_proj(i) == (t == S)
+        assert s.num_kv_heads[i] == (
+            global_kv or d["num_key_value_heads"] if t == F else d["num_key_value_heads"]
+        )
+        assert s.has_v_proj(i) == (not s.reuses_kv(i) and (t == S or not d["attention_k_eq_v"]))
 
 
 def test_global_kv_override_only_with_k_eq_v():
@@ -63,12 +68,13 @@ def test_new_schema_roundtrip_matches_old():
 @pytest.mark.parametrize(
     "change, field",
     [
-        ({"hidden_size_per_layer_input": 256}, "hidden_size_per_layer_input"),
-        ({"num_kv_shared_layers": 2}, "num_kv_shared_layers"),
+        ({"hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 0}, "vocab_size_per_layer_input"),
+        ({"num_kv_shared_layers": 8}, "num_kv_shared_layers"),
         (
-            {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 8},
-            "enable_moe_block",
+            {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 5, "moe_intermediate_size": 8},
+            "top_k_experts",
         ),
+        ({"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2}, "moe_intermediate_size"),
         ({"hidden_activation": "gelu"}, "hidden_activation"),
         ({"attention_bias": True}, "attention_bias"),
         ({"use_bidirectional_attention": "all"}, "use_bidirectional_attention"),

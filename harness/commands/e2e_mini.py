@@ -1,0 +1,123 @@
+"""``gemma4-harness e2e-mini``: a few GRPO steps on a tiny preset on CPU, with train/rollout agreement gates.
+
+Exit 0 when every gate holds, 1 when one fails (each failure is named), 2 for invalid input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the ``e2e-mini`` subcommand."""
+    p = sub.add_parser(
+        "e2e-mini",
+        help="CPU RL smoke: train (Megatron), sync through the converter, roll out (HF), compare log-probs",
+    )
+    p.add_argument("--preset", default="tiny-31b", help="tiny preset (tiny-31b, tiny-12b, tiny-26b-a4b)")
+    p.add_argument(
+        "--steps", type=int, default=2, help="optimizer steps (each followed by a sync and a rollout)"
+    )
+    p.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    p.add_argument(
+        "--tp", type=int, default=1, help="tensor parallel size of the trainer (forked gloo ranks)"
+    )
+    p.add_argument("--ep", type=int, default=1, help="expert parallel size of the trainer (MoE presets)")
+    p.add_argument("--prompts", type=int, default=2, help="arithmetic problems per rollout")
+    p.add_argument("--group-size", type=int, default=8, help="sampled responses per problem (GRPO group)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+    p.add_argument("--bucket-kib", type=float, default=256.0, help="weight-sync bucket size in KiB")
+    p.add_argument("--json", type=Path, help="write the result as JSON")
+    p.set_defaults(func=run)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with non-finite floats as the strings ``"inf"``, ``"-inf"``, ``"nan"`` (strict JSON)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    """A short table, one row per iteration, and the verdict."""
+    lay = result["layout"]
+    tol = result["tolerance"]
+    lines = [
+        f"e2e-mini {result['preset']}  dtype={result['dtype']}  tp={lay['tp']} ep={lay['ep']}"
+        f"{' +sp' if lay['sequence_parallel'] else ''}  steps={result['num_steps']}  ({lay['rollout_engine']})",
+        "  iter  sync: buckets tensors   gap max    KL(ref)    reward   adv!=0   loss       |dw| max   "
+        "d logp max",
+    ]
+    for s in result["steps"]:
+        sync = s.get("sync") or {}
+        loss = f"{s['loss']:+.3e}" if "loss" in s else "-"
+        dw = f"{s['weights_max_change']:.2e}" if "weights_max_change" in s else "-"
+        shift = f"{s['policy_shift_max']:.2e}" if "policy_shift_max" in s else "-"
+        lines.append(
+            f"  {s['iteration']:>4}  {sync.get('buckets', '-'):>13} {sync.get('hf_tensors', '-'):>7}   "
+            f"{s['logprob_gap_max']:.2e}   {s['kl_ref_max']:.2e}   {s['reward_mean']:.4f}   "
+            f"{s['nonzero_advantages']:>6}   {loss:<10} {dw:<10} {shift}"
+        )
+    lines.append(
+        f"  max log-prob gap {result['max_logprob_gap']:.3e} (<= {tol['logprob_gap']:.0e})   "
+        f"step-0 KL {result['step0_kl']:.3e} (<= {tol['step0_kl']:.0e})"
+    )
+    for note in result["notes"]:
+        lines.append(f"  note: {note}")
+    if result["pass"]:
+        lines.append("PASS")
+    else:
+        lines.append("FAIL")
+        lines += [f"  - {f}" for f in result["failures"]]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the smoke; exit code 0/1 (2 is raised as InvalidInputError)."""
+    from harness.e2e.run import E2EConfig, run_e2e
+
+    cfg = E2EConfig(
+        preset=args.preset,
+        dtype=args.dtype,
+        steps=args.steps,
+        tp=args.tp,
+        ep=args.ep,
+        prompts=args.prompts,
+        group_size=args.group_size,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        lr=args.lr,
+        bucket_bytes=int(args.bucket_kib * 1024),
+    )
+    result = run_e2e(cfg)
+    if args.json:
+        _atomic_write_text(
+            args.json, json.dumps(json_safe(result), indent=2, sort_keys=True, allow_nan=False) + "\n"
+        )
+    print(format_summary(result), file=sys.stdout)
+    return 0 if result["pass"] else 1

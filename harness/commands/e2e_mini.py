@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "e2e-mini",
         help="CPU RL smoke: train (Megatron), sync through the converter, roll out (HF), compare log-probs",
     )
-    p.add_argument("--preset", default="tiny-31b", help="tiny preset (tiny-31b, tiny-12b, tiny-26b-a4b)")
+    p.add_argument("--preset", default="tiny-31b", help="tiny preset (tiny-31b, tiny-12b, tiny-26b-a4b, tiny-e2b, tiny-e4b)")
     p.add_argument(
         "--steps", type=int, default=2, help="optimizer steps (each followed by a sync and a rollout)"
     )

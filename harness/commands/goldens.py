@@ -36,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--only",
         action="append",
         metavar="CASE",
-        help="a case (forward/tiny-31b/float64), family (forward, rope, weights, chat), prefix or pattern; repeatable",
+        help="a case (forward/tiny-31b/float64), family (forward, rope, weights, router, chat), prefix or pattern; repeatable",
     )
     common.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar"

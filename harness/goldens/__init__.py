@@ -11,7 +11,8 @@ are in :mod:`harness.goldens.outcome`. Modules:
 
 * :mod:`~harness.goldens.store`: manifest schema, file naming, sha256, atomic writes, integrity errors.
 * :mod:`~harness.goldens.registry`: case families and the case list (``--only`` selection).
-* :mod:`~harness.goldens.forward`, :mod:`~harness.goldens.rope`, :mod:`~harness.goldens.weights`: the families
-  this package computes; :mod:`~harness.goldens.chat` delegates to ``gemma4.chat.goldens``.
+* :mod:`~harness.goldens.forward`, :mod:`~harness.goldens.rope`, :mod:`~harness.goldens.weights`,
+  :mod:`~harness.goldens.router` (MoE presets only): the families this package computes;
+  :mod:`~harness.goldens.chat` delegates to ``gemma4.chat.goldens``.
 * :mod:`~harness.goldens.record`, :mod:`~harness.goldens.check`: the two commands' logic.
 """

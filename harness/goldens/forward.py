@@ -2,7 +2,7 @@
 
 Recorded: the input ids (seeded, ``batch`` x ``seq_len``) and HF's tensor at every capture point of
 :func:`harness.parity.capture_order` (embedding, each layer's attention / mlp / output, final_norm, logits),
-in the run dtype. Selection rule: every point, because at tiny-preset size a whole fp64 case is ~0.7 MB and
+in the run dtype. Selection rule: every point, because at tiny-preset size a whole fp64 case is 0.7-1 MB and
 localising a regression to a layer and submodule is what the goldens are for; a larger preset would store
 ``layer.{i}.output`` only (recording refuses to exceed the size budget either way).
 
@@ -31,7 +31,7 @@ SUFFIX = ".safetensors"
 
 
 def cases() -> list[Case]:
-    """Both golden presets in fp64 and fp32."""
+    """Every golden preset (dense, MoE, PLE + KV sharing) in fp64 and fp32."""
     return standard_cases(NAME)
 
 

@@ -2,9 +2,9 @@
 
 A family is a module with ``NAME``, ``DESCRIPTION``, ``cases() -> list[Case]``, ``record(case) -> Recording``,
 ``check(case, entry, files, goldens_dir) -> Outcome`` and ``describe_change(case, old_files, new) -> str``.
-Adding one (e.g. MoE router decisions once the MoE model exists) is a new module plus one line in
-:data:`FAMILY_MODULES`. Families owned by other packages, which keep their own manifest under a
-sub-directory, are listed in :data:`DELEGATED` (see :mod:`harness.goldens.chat`).
+Adding one is a new module plus one line in :data:`FAMILY_MODULES` (one not written yet may be listed in
+:data:`PENDING`, so that ``--only`` says why it has no cases). Families owned by other packages, which keep
+their own manifest under a sub-directory, are listed in :data:`DELEGATED` (see :mod:`harness.goldens.chat`).
 
 Case names are ``family/preset/dtype``; ``--only`` takes a case name, a family name, a prefix
 (``forward/tiny-31b``) or a shell pattern (``*/tiny-12b/*``), and may repeat.
@@ -20,7 +20,8 @@ from typing import Any
 
 from gemma4.errors import InvalidInputError
 
-GOLDEN_PRESETS = ("tiny-31b", "tiny-12b")
+# Dense (31B, 12B), MoE (26B-A4B; the router family takes the presets with MoE layers), PLE + KV sharing (E2B, E4B).
+GOLDEN_PRESETS = ("tiny-31b", "tiny-12b", "tiny-26b-a4b", "tiny-e2b", "tiny-e4b")
 GOLDEN_DTYPES = ("float64", "float32")  # bf16 logits are left out: CPU bf16 kernels differ across CPUs
 SEED = 0
 
@@ -28,11 +29,10 @@ FAMILY_MODULES = {
     "forward": "harness.goldens.forward",
     "rope": "harness.goldens.rope",
     "weights": "harness.goldens.weights",
+    "router": "harness.goldens.router",
 }
 DELEGATED = {"chat": "harness.goldens.chat"}
-PENDING = {
-    "router": "MoE router decisions: pending (no MoE model yet); add harness/goldens/router.py and register it",
-}
+PENDING: dict[str, str] = {}  # family name -> why it has no cases yet
 
 
 @dataclass(frozen=True)

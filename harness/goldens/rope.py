@@ -26,7 +26,7 @@ POSITIONS = 64
 
 
 def cases() -> list[Case]:
-    """Both golden presets in fp64 and fp32."""
+    """Every golden preset (dense, MoE, PLE + KV sharing) in fp64 and fp32."""
     return standard_cases(NAME)
 
 

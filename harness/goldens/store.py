@@ -29,7 +29,7 @@ from gemma4.errors import InvalidInputError
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 SIZE_BUDGET_BYTES = 20 * 1024 * 1024
-DELEGATED_DIRS = ("chat",)  # directories under goldens/ that other modules own
+DELEGATED_DIRS = ("chat", "gsm8k")  # directories under goldens/ that other modules own
 
 
 class GoldenError(Exception):

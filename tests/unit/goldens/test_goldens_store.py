@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load, save
 
 import harness.goldens.record as record_module
+import harness.goldens.registry as registry
 import harness.goldens.store as store
 from harness.cli import main
 
@@ -242,12 +243,13 @@ def test_crash_while_writing_a_file_leaves_no_partial_file(goldens, monkeypatch)
     assert snapshot(goldens) == before  # temp file removed, nothing renamed
 
 
-def test_unknown_only_is_invalid_input(goldens, capsys):
+def test_unknown_only_is_invalid_input(goldens, capsys, monkeypatch):
     rc = main(["goldens", "check", "--only", "forwrd", "--goldens-dir", str(goldens)])
     err = capsys.readouterr().err
     assert rc == 2 and "--only 'forwrd' matches no golden case" in err
-    rc = main(["goldens", "check", "--only", "router", "--goldens-dir", str(goldens)])
-    assert rc == 2 and "MoE router decisions: pending" in capsys.readouterr().err
+    monkeypatch.setitem(registry.PENDING, "widgets", "widget goldens: pending (no widget model yet)")
+    rc = main(["goldens", "check", "--only", "widgets", "--goldens-dir", str(goldens)])
+    assert rc == 2 and "--only 'widgets': widget goldens: pending" in capsys.readouterr().err
 
 
 def test_version_differences_are_reported(goldens, capsys):

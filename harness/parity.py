@@ -11,7 +11,6 @@ so the first point that exceeds the tolerance localises a bug to a layer and sub
 from __future__ import annotations
 
 import itertools
-import platform
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import torch
 from gemma4.config import Gemma4TextSpec, hf_text_config_from_any, text_spec_from_hf
 from gemma4.errors import InvalidInputError
 from harness.compare import TensorDiff, logit_stats, tensor_diff
+from harness.provenance import software_versions
 from harness.tolerances import GRAD_SCALE_FLOOR, Tolerance, reordered, tolerance_for
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -264,18 +264,6 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(
         logits.reshape(-1, v).to(cdt), labels.reshape(-1), ignore_index=-100, reduction="sum"
     )
-
-
-def _versions() -> dict[str, str]:
-    import megatron.core
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "megatron-core": getattr(megatron.core, "__version__", "unknown"),
-    }
 
 
 # ---- the two sides ---------------------------------------------------------------------------------------
@@ -616,7 +604,7 @@ def run_parity(
         "config": spec.to_json_dict(),
         "notes": source.notes,
         "timings_s": {"reference": t_ref, "megatron": t_ours},
-        "versions": _versions(),
+        "versions": software_versions(),
         "_tensors": {
             "input_ids": ids,
             "cu_seqlens": cu if layout.packed else None,

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from gemma4.atomic_io import atomic_write_text
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -64,15 +64,7 @@ def _write_json(path: Path | None, report: dict[str, Any]) -> None:
     """Write ``report`` to ``path`` atomically (temp file + rename)."""
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(report, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(report, indent=2, sort_keys=True) + "\n")
 
 
 def _print_notes(report: dict[str, Any]) -> None:

@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from gemma4.atomic_io import atomic_write_text
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +21,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "e2e-mini",
         help="CPU RL smoke: train (Megatron), sync through the converter, roll out (HF), compare log-probs",
     )
-    p.add_argument("--preset", default="tiny-31b", help="tiny preset (tiny-31b, tiny-12b, tiny-26b-a4b, tiny-e2b, tiny-e4b)")
+    p.add_argument(
+        "--preset",
+        default="tiny-31b",
+        help="tiny preset (tiny-31b, tiny-12b, tiny-26b-a4b, tiny-e2b, tiny-e4b)",
+    )
     p.add_argument(
         "--steps", type=int, default=2, help="optimizer steps (each followed by a sync and a rollout)"
     )
@@ -38,18 +42,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bucket-kib", type=float, default=256.0, help="weight-sync bucket size in KiB")
     p.add_argument("--json", type=Path, help="write the result as JSON")
     p.set_defaults(func=run)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def json_safe(obj: Any) -> Any:
@@ -116,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     )
     result = run_e2e(cfg)
     if args.json:
-        _atomic_write_text(
+        atomic_write_text(
             args.json, json.dumps(json_safe(result), indent=2, sort_keys=True, allow_nan=False) + "\n"
         )
     print(format_summary(result), file=sys.stdout)

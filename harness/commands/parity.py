@@ -9,9 +9,10 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from gemma4.atomic_io import atomic_write_bytes
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -42,18 +43,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_dump(directory: Path, tensors: dict[str, Any]) -> None:
     """``inputs.safetensors`` (input_ids, and cu_seqlens for a packed row), ``megatron.safetensors`` and
     ``hf.safetensors`` (logits, run dtype)."""
@@ -68,7 +57,7 @@ def write_dump(directory: Path, tensors: dict[str, Any]) -> None:
         "hf.safetensors": {"logits": tensors["hf_logits"]},
     }
     for name, content in files.items():
-        _atomic_write_bytes(directory / name, save({k: v.contiguous() for k, v in content.items()}))
+        atomic_write_bytes(directory / name, save({k: v.contiguous() for k, v in content.items()}))
 
 
 def format_summary(result: dict[str, Any]) -> str:
@@ -131,6 +120,6 @@ def run(args: argparse.Namespace) -> int:
     if args.dump:
         write_dump(args.dump, tensors)
     if args.json:
-        _atomic_write_bytes(args.json, (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
+        atomic_write_bytes(args.json, (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
     print(format_summary(result), file=sys.stdout)
     return 0 if result["pass"] else 1

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -38,6 +37,7 @@ from harness.e2e import gates
 from harness.e2e.batch import grpo_advantages, make_sample, pack
 from harness.e2e.sync import sync_weights
 from harness.e2e.tasks import make_problems, reward
+from harness.provenance import software_versions
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 STOP_TOKENS = ("<turn|>", "<eos>")  # the end of a model turn, and the tokenizer's eos
@@ -327,18 +327,6 @@ def rank_main(rank: int, world: int, setup: _Setup) -> list[dict[str, Any]] | No
     return records if rank == 0 else None
 
 
-def _versions() -> dict[str, str]:
-    import megatron.core
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "megatron-core": getattr(megatron.core, "__version__", "unknown"),
-    }
-
-
 def run_e2e(cfg: E2EConfig) -> dict[str, Any]:
     """Run the smoke; returns the JSON-ready result (``pass``, ``failures``, ``max_logprob_gap``, ``steps``)."""
     import os
@@ -392,5 +380,5 @@ def run_e2e(cfg: E2EConfig) -> dict[str, Any]:
             "reward = exact match on the final number + 0.1 x fraction of answer characters (format reward)",
         ],
         "timings_s": {"total": time.perf_counter() - t0},
-        "versions": _versions(),
+        "versions": software_versions(),
     }

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
-import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
 
+from gemma4.atomic_io import atomic_write_bytes
 from gemma4.errors import InvalidInputError
 
 SCHEMA_VERSION = 1
@@ -50,17 +49,9 @@ def tensor_sha256(t: torch.Tensor) -> str:
 
 def producer_versions() -> dict[str, str]:
     """Versions of everything that shapes a golden, and the platform."""
-    import megatron.core
-    import transformers
+    from harness.provenance import software_versions
 
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "megatron-core": getattr(megatron.core, "__version__", "unknown"),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-    }
+    return {**software_versions(), "platform": platform.platform(), "machine": platform.machine()}
 
 
 def case_file_name(case_name: str, suffix: str, data: bytes, digits: int = 12) -> str:
@@ -72,22 +63,6 @@ def safetensors_metadata(case_name: str, family: str) -> dict[str, str]:
     """Header metadata of a case file. One key only: safetensors writes metadata keys in random order, and
     golden bytes must be reproducible (a file's name is its hash)."""
     return {"golden": f"{case_name}; HF reference; harness.goldens.{family} schema {SCHEMA_VERSION}"}
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same directory, fsync, ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; goldens are shared, readable files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def safe_relative(goldens_dir: Path, rel: Any) -> Path:

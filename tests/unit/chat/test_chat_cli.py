@@ -155,6 +155,7 @@ def test_cli_module_imports_only_argparse() -> None:
 
 
 def test_outputs_are_written_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gemma4.atomic_io
     from gemma4.chat import _io
 
     target = tmp_path / "out.json"
@@ -163,7 +164,7 @@ def test_outputs_are_written_atomically(tmp_path: Path, monkeypatch: pytest.Monk
     def failing_replace(src: str, dst: str) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(_io.os, "replace", failing_replace)
+    monkeypatch.setattr(gemma4.atomic_io.os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         _io.atomic_write_text(target, "new")
     assert target.read_text(encoding="utf-8") == "previous"

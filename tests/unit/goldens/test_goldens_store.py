@@ -237,7 +237,9 @@ def test_crash_while_writing_a_file_leaves_no_partial_file(goldens, monkeypatch)
     def crash(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(store.os, "replace", crash)
+    import gemma4.atomic_io
+
+    monkeypatch.setattr(gemma4.atomic_io.os, "replace", crash)
     with pytest.raises(OSError):
         record_module.record_goldens(goldens, [FWD], update=True)
     assert snapshot(goldens) == before  # temp file removed, nothing renamed

@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "gemma4.chat.cli",
     "harness.commands.convert",
     "harness.commands.e2e_mini",
+    "harness.commands.e2e_gsm8k",
 )
 
 EXIT_OK = 0

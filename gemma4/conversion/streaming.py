@@ -17,7 +17,8 @@ or TE's grouped form ``decoder.layers.{L}.mlp.experts.linear_fc{1,2}.weight{e}``
 
 1. ``args.gemma4_text_spec``: a :class:`gemma4.config.Gemma4TextSpec`;
 2. ``args.hf_config``: a ``Gemma4TextConfig`` / ``Gemma4Config``, a ``config.json`` dict, or a path;
-3. ``args.hf_checkpoint``: slime's ``--hf-checkpoint`` directory (its ``config.json`` is read once, cached).
+3. ``args.hf_checkpoint``: slime's ``--hf-checkpoint`` directory (its ``config.json`` is parsed once and
+   cached on ``args``; re-read if the file changes).
 
 Output prefix: ``args.gemma4_hf_prefix`` if set (``"model."`` or ``"model.language_model."``); otherwise
 ``model.language_model.`` when that config is a multimodal ``gemma4`` config (``model_type: gemma4`` or
@@ -65,7 +66,6 @@ MODEL_NAMES = (
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _GROUPED_EXPERT = re.compile(r"^(mlp\.experts)\.(linear_fc[12])\.weight(\d+)$")
 _LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.weight$")
-_CACHE: dict[Any, tuple[Gemma4TextSpec, str]] = {}
 
 
 def strip_module_prefixes(name: str) -> str:
@@ -102,25 +102,45 @@ def _prefix(conditional_generation: bool) -> str:
     return mapping.HF_CONDITIONAL_GENERATION_PREFIX if conditional_generation else mapping.HF_CAUSAL_LM_PREFIX
 
 
+def _stamp(source: Any) -> Any:
+    """What identifies a config source's content: a path's config.json (mtime, size), else the object."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        path = path / "config.json" if path.is_dir() else path
+        try:
+            st = path.stat()
+        except OSError:
+            return (str(path), None)
+        return (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    return ("object", id(source))
+
+
 def resolve_target(args: Any) -> tuple[Gemma4TextSpec, str]:
-    """The spec and the HF name prefix ``args`` describes (see the module docstring for the contract)."""
+    """The spec and the HF name prefix ``args`` describes (see the module docstring for the contract).
+
+    The parsed config is cached on ``args`` itself (slime calls this once per tensor), keyed by the source
+    object and, for a path, by its config.json's mtime and size, so a rewritten config is re-read.
+    """
     spec = getattr(args, "gemma4_text_spec", None)
     prefix = None
     if spec is None:
         source = getattr(args, "hf_config", None)
-        key: Any
-        if source is not None:
-            key = ("hf_config", str(source) if isinstance(source, (str, Path)) else id(source))
-        else:
+        if source is None:
             source = getattr(args, "hf_checkpoint", None)
-            if source is None:
-                raise InvalidInputError(
-                    "convert_gemma4_to_hf: args has none of 'gemma4_text_spec', 'hf_config', 'hf_checkpoint'"
-                )
-            key = ("hf_checkpoint", str(Path(source).resolve()))
-        if key not in _CACHE:
-            _CACHE[key] = _from_config_source(source)
-        spec, prefix = _CACHE[key]
+        if source is None:
+            raise InvalidInputError(
+                "convert_gemma4_to_hf: args has none of 'gemma4_text_spec', 'hf_config', 'hf_checkpoint'"
+            )
+        stamp = _stamp(source)
+        cached = getattr(args, "_gemma4_resolved", None)
+        if cached is not None and cached[0] is source and cached[1] == stamp:
+            spec, prefix = cached[2]
+        else:
+            spec, prefix = _from_config_source(source)
+            try:
+                args._gemma4_resolved = (source, stamp, (spec, prefix))
+            except AttributeError:  # an args object that takes no attributes: parse every call
+                pass
     override = getattr(args, "gemma4_hf_prefix", None)
     if override is not None:
         if override not in (mapping.HF_CAUSAL_LM_PREFIX, mapping.HF_CONDITIONAL_GENERATION_PREFIX):

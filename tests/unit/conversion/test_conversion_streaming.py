@@ -182,3 +182,20 @@ def test_experts_stream_one_at_a_time_and_restack_to_hf():
     with pytest.raises(InvalidInputError, match="arrived twice"):
         stacker.add("model.layers.3.experts.0.down_proj", down[0])
         stacker.add("model.layers.3.experts.0.down_proj", down[0])
+
+
+def test_rewritten_config_is_reread(tmp_path):
+    """The parsed config is cached on args, but a config.json rewritten at the same path is read again."""
+    import json
+    import types
+
+    from gemma4.conversion.streaming import resolve_target
+    from harness.presets import preset_config_dict
+
+    cfg = preset_config_dict("tiny-31b")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    args = types.SimpleNamespace(hf_checkpoint=str(tmp_path))
+    assert resolve_target(args)[0].num_layers == 8
+    cfg = preset_config_dict("tiny-12b")
+    (tmp_path / "config.json").write_text(json.dumps(cfg) + "\n\n")  # new size, so a new stamp
+    assert resolve_target(args)[0].num_layers == 7

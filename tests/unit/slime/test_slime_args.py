@@ -1,0 +1,106 @@
+"""Model argument presets and the flag checks: every script describes its checkpoint; every mismatch is named."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from gemma4.config import text_spec_from_any
+from gemma4.errors import InvalidInputError
+from gemma4.slime.args import check_args, require_matching_args
+from gemma4.slime.model_args import SCRIPTS, read_model_args, script_path
+from gemma4.slime.testing import flags_for_spec, parse_megatron_flags
+from harness.gsm8k.variants import tiny_e2e_config
+from harness.presets import PRESETS, preset_config_dict
+
+
+def _config(variant, released):
+    return tiny_e2e_config() if variant == "tiny" else released(variant)
+
+
+@pytest.mark.parametrize("variant", sorted(SCRIPTS))
+def test_each_script_matches_its_model(variant, released):
+    """Catches: a wrong size/head/KV flag, a dropout left at Megatron's 0.1, --swiglu, a missing --qk-layernorm."""
+    args = parse_megatron_flags(read_model_args(script_path(variant)))
+    assert check_args(args, text_spec_from_any(_config(variant, released))) == []
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
+def test_python_reading_of_the_scripts_equals_bash():
+    """The launcher reads MODEL_ARGS without bash; it must see exactly what `source` + "${MODEL_ARGS[@]}" gives."""
+    for variant in SCRIPTS:
+        path = script_path(variant)
+        out = subprocess.run(
+            ["bash", "-c", f'source "{path}" && printf "%s\\n" "${{MODEL_ARGS[@]}}"'],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert out.stdout.splitlines() == read_model_args(path), variant
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_generated_flags_match_every_preset(preset):
+    spec = text_spec_from_any(preset_config_dict(preset))
+    assert check_args(parse_megatron_flags(flags_for_spec(spec)), spec) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "flag"),
+    [
+        ({"num_layers": 59}, "--num-layers"),
+        ({"hidden_size": 5120}, "--hidden-size"),
+        ({"ffn_hidden_size": 21500}, "--ffn-hidden-size"),
+        ({"num_query_groups": 4}, "--num-query-groups"),
+        ({"group_query_attention": False}, "--num-query-groups"),
+        ({"kv_channels": 512}, "--kv-channels"),
+        ({"norm_epsilon": 1e-5}, "--norm-epsilon"),
+        ({"normalization": "LayerNorm"}, "--normalization"),
+        ({"qk_layernorm": False}, "--qk-layernorm"),
+        ({"add_bias_linear": True}, "--disable-bias-linear"),
+        ({"swiglu": True}, "--swiglu"),
+        ({"apply_layernorm_1p": True}, "--apply-layernorm-1p"),
+        ({"untie_embeddings_and_output_weights": True}, "--untie-embeddings-and-output-weights"),
+        ({"attention_dropout": 0.1}, "--attention-dropout"),
+        ({"hidden_dropout": 0.1}, "--hidden-dropout"),
+        ({"window_size": (1023, 0)}, "--window-size"),
+        ({"num_experts": 8}, "--num-experts"),
+        ({"vocab_size": 262145, "padded_vocab_size": None}, "--vocab-size"),
+    ],
+)
+def test_each_disagreement_names_its_flag(change, flag, released):
+    args = parse_megatron_flags(read_model_args(script_path("31b")))
+    for k, v in change.items():
+        setattr(args, k, v)
+    problems = check_args(args, text_spec_from_any(released("31b")))
+    assert len(problems) == 1 and flag in problems[0].split(":")[0], problems
+
+
+def test_moe_flags_are_checked(released):
+    spec = text_spec_from_any(released("26b-a4b"))
+    args = parse_megatron_flags(read_model_args(script_path("26b-a4b")))
+    args.moe_router_topk, args.moe_ffn_hidden_size = 2, 1408
+    assert [p.split(":")[0] for p in check_args(args, spec)] == ["--moe-router-topk", "--moe-ffn-hidden-size"]
+
+
+def test_padding_the_vocabulary_is_refused(released):
+    """Megatron pads the vocabulary to a multiple of 128 x TP; a padded row HF and SGLang lack must not appear."""
+    spec = text_spec_from_any(preset_config_dict("tiny-12b"))  # vocab 320
+    flags = flags_for_spec(spec)
+    flags[flags.index("--make-vocab-size-divisible-by") + 1] = "128"
+    args = parse_megatron_flags(flags)
+    assert args.padded_vocab_size == 384
+    with pytest.raises(InvalidInputError, match="vocab-size.*384.*320"):
+        require_matching_args(args, spec)
+
+
+def test_every_problem_is_listed_at_once(released):
+    args = parse_megatron_flags(
+        ["--num-layers", "2", "--hidden-size", "8", "--num-attention-heads", "2", "--ffn-hidden-size", "4"]
+    )
+    with pytest.raises(InvalidInputError) as info:
+        require_matching_args(args, text_spec_from_any(released("12b")))
+    for flag in ("--num-layers", "--hidden-size", "--normalization", "--attention-dropout", "--qk-layernorm"):
+        assert flag in str(info.value)

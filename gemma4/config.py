@@ -325,11 +325,8 @@ def text_spec_from_hf(cfg: Any) -> Gemma4TextSpec:
         factor = float(p.get("factor", 1.0)) if rtype == "proportional" else 1.0
         if factor <= 0:
             raise ConfigError(f"field 'rope_parameters.{t}.factor' must be positive, got {factor}")
-        if rtype == "default" and ("factor" in p or "partial_rotary_factor" in p):
-            raise ConfigError(
-                f"field 'rope_parameters.{t}': 'default' RoPE ignores 'factor'/'partial_rotary_factor' in HF; "
-                "remove them or use 'proportional'"
-            )
+        # 'default' RoPE: Gemma4TextRotaryEmbedding.compute_default_rope_parameters reads only rope_theta and
+        # the head dim, so a stray 'factor' / 'partial_rotary_factor' is ignored here exactly as HF ignores it.
         rope[t] = RopeSpec(rtype, float(theta), prf, factor)
 
     eps = field("rms_norm_eps")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import Gemma4Config, Gemma4TextConfig
 
 from gemma4.config import FULL, SLIDING, text_spec_from_any
@@ -125,3 +126,22 @@ def test_head_dim_attribute_raises_in_new_transformers():
     with pytest.raises(RuntimeError):
         _ = cfg.head_dim
     text_spec_from_any(cfg)  # and yet the spec builds
+
+
+def test_default_rope_ignores_stray_factors_like_hf():
+    """HF's default RoPE reads only rope_theta and the head dim; a stray factor must not change our tables."""
+    from transformers.models.gemma4 import modeling_gemma4 as hfm
+
+    from gemma4.model import rope
+
+    rope_params = {
+        S: {"rope_type": "default", "rope_theta": 5e4, "partial_rotary_factor": 0.5, "factor": 4.0},
+        F: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6},
+    }
+    cfg = Gemma4TextConfig(
+        **{k: v for k, v in _old_schema().items() if k != "model_type"} | {"rope_parameters": rope_params}
+    )
+    spec = text_spec_from_any(cfg)
+    hf = hfm.Gemma4TextRotaryEmbedding(cfg)
+    ours = rope.inv_freq(spec.rope[S], spec.head_dim_of(S), torch.float32)
+    assert torch.equal(ours, getattr(hf, f"{S}_inv_freq"))

@@ -213,13 +213,11 @@ def validate_layout(spec: Gemma4TextSpec, layout: RunLayout, batch: int, seq_len
     if spec.enable_moe and layout.tp > 1 and not layout.sequence_parallel:
         raise InvalidInputError("--tp > 1 with MoE layers needs --sequence-parallel (as Megatron requires)")
     tp = layout.tp
-    for name, value in (
-        ("num_attention_heads", spec.num_attention_heads),
-        ("vocab_size", spec.vocab_size),
-        ("intermediate_size", spec.intermediate_size),
-    ):
-        if value % tp:
-            raise InvalidInputError(f"--tp {tp} does not divide {name} = {value}")
+    # Vocabulary and MLP widths are zero-padded to a multiple of TP (see tp_padding); heads cannot be.
+    if spec.num_attention_heads % tp:
+        raise InvalidInputError(f"--tp {tp} does not divide num_attention_heads = {spec.num_attention_heads}")
+    if spec.ple_dim and spec.ple_dim % tp:
+        raise InvalidInputError(f"--tp {tp} does not divide hidden_size_per_layer_input = {spec.ple_dim}")
     for i, nkv in enumerate(spec.num_kv_heads):
         if (nkv >= tp and nkv % tp) or (nkv < tp and tp % nkv):
             raise InvalidInputError(f"--tp {tp}: layer {i} has {nkv} KV heads; one must divide the other")
@@ -228,13 +226,6 @@ def validate_layout(spec: Gemma4TextSpec, layout: RunLayout, batch: int, seq_len
     lengths = list(layout.packed) if layout.packed else [seq_len]
     if layout.packed and any(n < 2 for n in lengths):
         raise InvalidInputError(f"--packed: every document needs >= 2 tokens, got {lengths}")
-    for n in lengths:
-        if layout.cp > 1 and n % (2 * layout.cp):
-            flag = "--packed" if layout.packed else "--seq-len"
-            raise InvalidInputError(f"{flag}: length {n} is not divisible by 2*cp = {2 * layout.cp}")
-    local = sum(lengths) // layout.cp
-    if layout.sequence_parallel and local % tp:
-        raise InvalidInputError(f"--sequence-parallel: {local} tokens per CP rank not divisible by --tp {tp}")
 
 
 def make_inputs(spec: Gemma4TextSpec, batch: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -255,6 +246,87 @@ def next_token_labels(ids: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
     for end in cu[1:].tolist():
         labels[:, end - 1] = -100
     return labels
+
+
+@dataclass(frozen=True)
+class SequencePadding:
+    """Our side's input when CP / SP need lengths the real ones are not: each document (each row when
+    unpacked) padded at its end, as Megatron/slime pad (``cu_seqlens_*_padded``). Real tokens never see the
+    padding (it comes after them in its document), and the comparison keeps only the real positions."""
+
+    ids: torch.Tensor  # [b, S_pad]
+    labels: torch.Tensor  # [b, S_pad], -100 on padding and on each document's last real token
+    cu_real: torch.Tensor
+    cu_padded: torch.Tensor
+    real_index: torch.Tensor  # positions of the real tokens in the padded row
+
+
+def pad_sequences(ids: torch.Tensor, lengths: list[int], layout: RunLayout, pad_id: int) -> SequencePadding:
+    """Pad every document to a multiple of ``2·cp`` (CP zig-zag) and the total so each CP rank's tokens
+    divide by TP under sequence parallelism."""
+    unit = 2 * layout.cp if layout.cp > 1 else 1
+    padded = [-(-n // unit) * unit for n in lengths]
+    if layout.sequence_parallel:
+        while (sum(padded) // layout.cp) % layout.tp:
+            padded[-1] += unit
+    cu_real = cu_seqlens_of(lengths)
+    labels = next_token_labels(ids, cu_real)
+    pieces_ids, pieces_labels, index, start = [], [], [], 0
+    for (a, b), n_pad in zip(zip(cu_real[:-1].tolist(), cu_real[1:].tolist()), padded):
+        extra = n_pad - (b - a)
+        pieces_ids += [ids[:, a:b], torch.full((ids.shape[0], extra), pad_id, dtype=ids.dtype)]
+        pieces_labels += [labels[:, a:b], torch.full((ids.shape[0], extra), -100, dtype=labels.dtype)]
+        index.append(torch.arange(start, start + b - a))
+        start += n_pad
+    return SequencePadding(
+        torch.cat(pieces_ids, dim=1),
+        torch.cat(pieces_labels, dim=1),
+        cu_real,
+        cu_seqlens_of(padded),
+        torch.cat(index),
+    )
+
+
+def _ceil_to(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+def tp_padding(spec: Gemma4TextSpec, tp: int) -> Gemma4TextSpec:
+    """The spec our model is built with under TP: vocabularies and MLP widths rounded up to a multiple of TP
+    (Megatron pads the vocabulary the same way). Padded rows/columns are zero, so the math is unchanged;
+    padded vocabulary entries are cut from the logits before anything is compared or trained."""
+    import dataclasses
+
+    if tp == 1:
+        return spec
+    return dataclasses.replace(
+        spec,
+        vocab_size=_ceil_to(spec.vocab_size, tp),
+        ple_vocab_size=_ceil_to(spec.ple_vocab_size, tp) if spec.ple_vocab_size else 0,
+        intermediate_size=_ceil_to(spec.intermediate_size, tp),
+        intermediate_sizes=tuple(_ceil_to(i, tp) for i in spec.intermediate_sizes),
+        moe_intermediate_size=_ceil_to(spec.moe_intermediate_size, tp)
+        if spec.moe_intermediate_size
+        else None,
+    )
+
+
+def pad_weights(full: dict[str, torch.Tensor], tp: int) -> dict[str, torch.Tensor]:
+    """Zero-pad TP = 1 Megatron tensors to the :func:`tp_padding` sizes (vocab rows, GLU halves, fc2 columns)."""
+    if tp == 1:
+        return full
+    out = {}
+    for name, t in full.items():
+        if name in ("embedding.word_embeddings.weight", "output_layer.weight", "per_layer_embedding.weight"):
+            t = torch.nn.functional.pad(t, (0, 0, 0, _ceil_to(t.shape[0], tp) - t.shape[0]))
+        elif name.endswith("linear_fc1.weight"):  # [gate; up]: pad each half
+            gate, up = t.chunk(2, dim=0)
+            extra = _ceil_to(gate.shape[0], tp) - gate.shape[0]
+            t = torch.cat([torch.nn.functional.pad(h, (0, 0, 0, extra)) for h in (gate, up)])
+        elif name.endswith("linear_fc2.weight"):
+            t = torch.nn.functional.pad(t, (0, _ceil_to(t.shape[1], tp) - t.shape[1]))
+        out[name] = t
+    return out
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -342,12 +414,14 @@ def run_megatron_rank(
     spec: Gemma4TextSpec,
     dtype: torch.dtype,
     full_weights: dict[str, torch.Tensor],
-    ids: torch.Tensor,
-    cu: torch.Tensor,
+    seq: SequencePadding,
     layout: RunLayout,
     ref_grads: dict[str, torch.Tensor] | None,
 ) -> dict[str, Any]:
-    """Our side on one rank (or the single process): local activations, logits, gradient errors."""
+    """Our side on one rank (or the single process): local activations, logits, gradient errors.
+
+    ``full_weights`` / ``ref_grads`` are TP = 1 Megatron tensors of the unpadded spec; ``seq`` the (padded)
+    input."""
     from megatron.core import parallel_state as ps
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -362,8 +436,11 @@ def run_megatron_rank(
     overrides = {"expert_model_parallel_size": layout.ep} if spec.enable_moe else {}
     if layout.recompute:
         overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    vocab = spec.vocab_size
+    full_weights = pad_weights(full_weights, layout.tp)
+    ref_grads = pad_weights(ref_grads, layout.tp) if ref_grads is not None else None
     model = build_gemma4_model(
-        spec,
+        tp_padding(spec, layout.tp),
         dtype,
         tensor_model_parallel_size=layout.tp,
         context_parallel_size=layout.cp,
@@ -373,25 +450,29 @@ def run_megatron_rank(
     load_full_state_dict(model, full_weights, tp_rank, layout.tp, ep_rank, layout.ep)
     grads = ref_grads is not None
     model.train(grads)  # a training step when gradients are compared (dropout is 0 either way)
-    rows = ids.shape[0] // layout.ep  # EP ranks are data-parallel replicas: each takes its rows
-    labels = next_token_labels(ids, cu)[dp_rank * rows : (dp_rank + 1) * rows]
-    ids = ids[dp_rank * rows : (dp_rank + 1) * rows]
+    rows = seq.ids.shape[0] // layout.ep  # EP ranks are data-parallel replicas: each takes its rows
+    labels = seq.labels[dp_rank * rows : (dp_rank + 1) * rows]
+    ids = seq.ids[dp_rank * rows : (dp_rank + 1) * rows]
+    cu = seq.cu_padded
     local_ids = shard_for_cp(ids, cu, layout.cp, cp_rank)
     local_labels = shard_for_cp(labels, cu, layout.cp, cp_rank)
     packed = None
     if layout.packed:
+        longest = int((cu[1:] - cu[:-1]).max())
         packed = PackedSeqParams(
             qkv_format="thd",
-            cu_seqlens_q=cu,
-            cu_seqlens_kv=cu,
-            max_seqlen_q=int((cu[1:] - cu[:-1]).max()),
-            max_seqlen_kv=int((cu[1:] - cu[:-1]).max()),
+            cu_seqlens_q=seq.cu_real,
+            cu_seqlens_kv=seq.cu_real,
+            cu_seqlens_q_padded=cu,
+            cu_seqlens_kv_padded=cu,
+            max_seqlen_q=longest,
+            max_seqlen_kv=longest,
         )
     acts: dict[str, torch.Tensor] = {}
     with torch.set_grad_enabled(grads), capture_mcore(model, acts):
         logits = model(local_ids, packed_seq_params=packed)
         if layout.tp > 1:
-            logits = gather_from_tensor_model_parallel_region(logits)
+            logits = gather_from_tensor_model_parallel_region(logits)[..., :vocab]  # drop padded vocab
     out: dict[str, Any] = {
         "tp_rank": tp_rank,
         "cp_rank": cp_rank,
@@ -420,7 +501,7 @@ def run_megatron_rank(
     return out
 
 
-def _assemble(results: list[dict[str, Any]], layout: RunLayout, cu: torch.Tensor):
+def _assemble(results: list[dict[str, Any]], layout: RunLayout, seq: SequencePadding):
     """Full-sequence activations and logits from every rank's local pieces."""
     from gemma4.model.sequence_layout import unshard_from_cp
 
@@ -443,9 +524,11 @@ def _assemble(results: list[dict[str, Any]], layout: RunLayout, cu: torch.Tensor
     by_dp: dict[int, list[dict[str, Any]]] = {}
     for r in results:
         by_dp.setdefault(r.get("dp_rank", 0), []).append(r)
+    cu = seq.cu_padded
     parts = [one_data_rank(by_dp[d]) for d in sorted(by_dp)]  # data-parallel ranks hold consecutive rows
-    logits = torch.cat([p[0] for p in parts], dim=0)
-    acts = {k: torch.cat([p[1][k] for p in parts], dim=0) for k in parts[0][1]}
+    keep = seq.real_index  # drop sequence padding
+    logits = torch.cat([p[0] for p in parts], dim=0).index_select(1, keep)
+    acts = {k: torch.cat([p[1][k] for p in parts], dim=0).index_select(1, keep) for k in parts[0][1]}
     acts["logits"] = logits
     return logits, acts
 
@@ -507,7 +590,9 @@ def run_parity(
     t_ref = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    args = (spec, dtype, full_weights, ids, cu, layout, ref_grads)
+    lengths = list(layout.packed) if layout.packed else [seq_len]
+    seq = pad_sequences(ids, lengths, layout, spec.pad_token_id or 0)
+    args = (spec, dtype, full_weights, seq, layout, ref_grads)
     if layout.world_size == 1:
         init_single_process()
         results = [run_megatron_rank(0, 1, *args)]
@@ -516,7 +601,7 @@ def run_parity(
             tp=layout.tp, cp=layout.cp, ep=layout.ep, sequence_parallel=layout.sequence_parallel
         )
         results = run_distributed(run_megatron_rank, par, *args, timeout=timeout)
-    our_logits, our_acts = _assemble(results, layout, cu)
+    our_logits, our_acts = _assemble(results, layout, seq)
     t_ours = time.perf_counter() - t1
 
     points: dict[str, TensorDiff] = {

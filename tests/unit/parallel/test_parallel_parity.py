@@ -156,3 +156,31 @@ def test_planted_parallel_bug_turns_parity_red(monkeypatch, case):
     result = run_parity(resolve_source(preset="tiny-31b"), dtype, layout=layout)
     assert not result["pass"], f"{mutant.__name__} was not detected under {layout.name}: {result['metrics']}"
     assert result["first_divergence"] == where, result["failures"]
+
+
+ODD = [
+    (RunLayout(tp=2), 24),
+    (RunLayout(cp=2), 10),
+    (RunLayout(cp=2, packed=(5, 7, 3)), 0),
+    (RunLayout(tp=2, sequence_parallel=True), 11),
+    (RunLayout(tp=2, cp=2, sequence_parallel=True, packed=(5, 9)), 0),
+]
+
+
+@pytest.mark.parametrize("case", ODD, ids=[f"{lay.name}-s{s}" for lay, s in ODD])
+def test_sizes_that_do_not_divide(case):
+    """Odd vocabulary (257) and MLP width (81) under TP are zero-padded like Megatron pads the vocabulary;
+    lengths that do not divide by 2*cp (or by TP under SP) are padded per document like slime pads them.
+    Only real tokens and real vocabulary entries are compared, and the gradients of the padding are zero."""
+    from gemma4.config import hf_text_config_from_any, text_spec_from_hf
+    from harness.parity import ParitySource
+    from harness.presets import preset_config_dict
+
+    layout, seq_len = case
+    cfg = hf_text_config_from_any(
+        preset_config_dict("tiny-12b") | {"vocab_size": 257, "intermediate_size": 81}
+    )
+    src = ParitySource("odd-sizes", cfg, text_spec_from_hf(cfg))
+    result = run_parity(src, torch.float64, grads=True, layout=layout, seq_len=seq_len or 24)
+    assert result["pass"], _explain(result)
+    assert result["_tensors"]["megatron_logits"].shape[-1] == 257

@@ -170,7 +170,11 @@ def convert_gemma4_to_hf(args: Any, name: str, param: torch.Tensor) -> list[tupl
     if m is None:
         for rule in mapping.global_rules(spec):
             if rule.mcore == name:
-                return [(_full(prefix, n), t) for n, t in mapping.rule_to_hf(rule, param, spec, None)]
+                if rule.tp_layout == mapping.VOCAB:
+                    param = _unpad_vocab(name, param, mapping.hf_shape(rule.hf[0], spec, None)[0])
+                return _checked(
+                    spec, None, [(n, t) for n, t in mapping.rule_to_hf(rule, param, spec, None)], prefix
+                )
         if name == mapping.UNTIED_HEAD_RULE.mcore and spec.tie_word_embeddings:
             return []  # the tied head is embed_tokens, emitted once with the embedding
         raise InvalidInputError(f"convert_gemma4_to_hf: no HF mapping for Megatron parameter {name!r}")
@@ -195,8 +199,35 @@ def convert_gemma4_to_hf(args: Any, name: str, param: torch.Tensor) -> list[tupl
         )
     for rule in mapping._layer_rules(spec, layer):
         if rule.mcore == name:
-            return [(_full(prefix, n), t) for n, t in mapping.rule_to_hf(rule, param, spec, layer)]
+            return _checked(spec, layer, mapping.rule_to_hf(rule, param, spec, layer), prefix)
     raise InvalidInputError(f"convert_gemma4_to_hf: no HF mapping for Megatron parameter {name!r}")
+
+
+def _unpad_vocab(name: str, param: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Megatron pads vocabularies to a multiple of TP x make-vocab-size-divisible-by; HF has exactly ``vocab``
+    rows. Cut the padding; fewer rows than HF's is an error."""
+    if param.shape[0] < vocab:
+        raise InvalidInputError(
+            f"convert_gemma4_to_hf: {name!r} has {param.shape[0]} rows, fewer than the vocabulary ({vocab})"
+        )
+    return param[:vocab]
+
+
+def _checked(
+    spec: Gemma4TextSpec, layer: int | None, pairs: list[tuple[str, torch.Tensor]], prefix: str
+) -> list[tuple[str, torch.Tensor]]:
+    """Every emitted tensor must have the shape HF expects from the config (a wrong slice never reaches the
+    rollout engine)."""
+    out = []
+    for hf_name, t in pairs:
+        want = mapping.hf_shape(hf_name, spec, layer)
+        if tuple(t.shape) != want:
+            raise InvalidInputError(
+                f"convert_gemma4_to_hf: {_full(prefix, hf_name)!r} would have shape {list(t.shape)}; the config "
+                f"implies {list(want)}"
+            )
+        out.append((_full(prefix, hf_name), t))
+    return out
 
 
 class ExpertStacker:

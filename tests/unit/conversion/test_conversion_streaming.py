@@ -59,8 +59,25 @@ def test_streaming_random_configs(cfg):
 def test_untied_head_is_lm_head(tmp_path):
     cfg = preset_config_dict("tiny-12b") | {"tie_word_embeddings": False}
     assert _check(cfg, slime_args(hf_config=cfg)) == []
-    out = convert_gemma4_to_hf(slime_args(hf_config=cfg), "module.output_layer.weight", torch.zeros(3))
+    out = convert_gemma4_to_hf(slime_args(hf_config=cfg), "module.output_layer.weight", torch.zeros(320, 48))
     assert [n for n, _ in out] == ["lm_head.weight"]
+
+
+def test_padded_vocabulary_is_cut_and_wrong_shapes_are_refused():
+    """Megatron (slime) pads the vocabulary to a multiple of TP x 128: the padding never reaches HF names.
+    Any other shape that disagrees with the config is refused, naming the tensor (a wrong slice must not
+    silently reach the rollout engine)."""
+    cfg = preset_config_dict("tiny-31b")
+    args = slime_args(hf_config=cfg)
+    padded = torch.randn(384, 64)
+    ((name, emb),) = convert_gemma4_to_hf(args, "module.module.embedding.word_embeddings.weight", padded)
+    assert name == "model.embed_tokens.weight" and torch.equal(emb, padded[:256])
+    with pytest.raises(InvalidInputError, match="fewer than the vocabulary"):
+        convert_gemma4_to_hf(args, "module.module.embedding.word_embeddings.weight", torch.zeros(255, 64))
+    with pytest.raises(InvalidInputError, match="down_proj.weight.*implies \\[64, 128\\]"):
+        convert_gemma4_to_hf(
+            args, "module.module.decoder.layers.0.mlp.linear_fc2.weight", torch.zeros(64, 100)
+        )
 
 
 def test_tied_head_is_never_exported_twice():

@@ -273,10 +273,11 @@ def test_dispatcher_wrapper_routes_by_model_name():
     p = torch.ones(1)
     assert wrapped(None, "qwen3config", "x", p) == [("orig", p)] and calls == ["qwen3config"]
     spec = text_spec_from_any(preset_config_dict("tiny-12b"))
+    norm = torch.ones(spec.hidden_size)
     out = wrapped(
-        types.SimpleNamespace(gemma4_text_spec=spec), "gemma4config", "decoder.final_layernorm.weight", p
+        types.SimpleNamespace(gemma4_text_spec=spec), "gemma4config", "decoder.final_layernorm.weight", norm
     )
-    assert out == [("model.norm.weight", p)] and calls == ["qwen3config"]
+    assert out == [("model.norm.weight", norm)] and calls == ["qwen3config"]
 
 
 def test_what_our_model_refuses_is_refused_through_slime_too():

@@ -194,8 +194,9 @@ def test_hooks_route_slimes_dispatch_to_gemma4(fake_slime, tokenizer):
     assert conv.convert_to_hf(None, "qwen3config", "x", p) == [("slime-original", p)]
     spec = text_spec_from_any(preset_config_dict("tiny-31b"))
     args = types.SimpleNamespace(gemma4_text_spec=spec)
-    assert conv.convert_to_hf(args, "gemma4config", "decoder.final_layernorm.weight", p) == [
-        ("model.norm.weight", p)
+    norm = torch.ones(spec.hidden_size)
+    assert conv.convert_to_hf(args, "gemma4config", "decoder.final_layernorm.weight", norm) == [
+        ("model.norm.weight", norm)
     ]
     assert conv._LOADERS["gemma4"] is gemma4_hf_tensor and "qwen3" in conv._LOADERS
     gen = fake_slime["slime.consumer"].MultiTurnLossMaskGenerator

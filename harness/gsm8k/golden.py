@@ -22,14 +22,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import platform
 import sys
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from gemma4.atomic_io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[2]
 GATES_FILE = REPO / "goldens" / "gsm8k" / "gates.json"
@@ -125,21 +125,6 @@ def load_bounds(path: Path = GATES_FILE) -> GateBounds:
     return GateBounds(kl, lp, floors, str(path))
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def measured_from_report(report_path: Path) -> dict[str, Any]:
     """The largest ``train/train_rollout_logprob_abs_diff`` of a passing e2e report, with its context."""
     try:
@@ -197,7 +182,7 @@ def record(
         raise GoldenError(f"--logprob-bound {logprob_bound} must be in (0, {SLIME_DEFAULT_LOGPROB_ALARM})")
     payload = build_payload(logprob_bound, logprob_why, measured, command)
     payload["sha256"] = payload_sha256(payload)
-    _atomic_write(Path(path), json.dumps(payload, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(Path(path), json.dumps(payload, indent=1, sort_keys=True) + "\n")
     return payload
 
 

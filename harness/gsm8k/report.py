@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from gemma4.atomic_io import atomic_write_text
 from harness.gsm8k.gates import Gate, RunOutcome, passed
 from harness.gsm8k.golden import GateBounds
 from harness.gsm8k.metrics import ParsedMetrics
@@ -67,17 +66,8 @@ def render_summary(report: dict[str, Any]) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` through a temp file in the same directory and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``text`` atomically (see :mod:`gemma4.atomic_io`)."""
+    atomic_write_text(Path(path), text)
 
 
 def write_report(report: dict[str, Any], json_path: Path, summary_path: Path | None = None) -> None:

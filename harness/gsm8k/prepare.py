@@ -10,10 +10,10 @@ leaves no directory Megatron would load. An existing complete ``REF`` is reused.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
+
+from gemma4.atomic_io import atomic_write_text
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
@@ -28,10 +28,7 @@ def prepare(hf_dir: Path, out: Path) -> str:
 
     out.mkdir(parents=True, exist_ok=True)
     report = hf_to_mcore_dir(Path(hf_dir), out / RELEASE, fmt="torch_dist")
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{TRACKER}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(RELEASE)
-    os.replace(tmp, out / TRACKER)
+    atomic_write_text(out / TRACKER, RELEASE)
     return f"converted {hf_dir} -> {out / RELEASE} ({report['dtype']}) in {report['seconds']:.1f} s"
 
 

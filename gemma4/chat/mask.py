@@ -177,16 +177,21 @@ def _check_content(content: Any, where: str, *, string_only: bool) -> None:
             raise InvalidInputError(f"{where}[{k}].text: a text part needs a string 'text'")
 
 
+def _named_function(entry: Any) -> Mapping | None:
+    """``entry['function']`` when it is a mapping with a non-empty string ``name`` (tool calls and tool
+    declarations share this shape), else None."""
+    function = entry.get("function") if isinstance(entry, Mapping) else None
+    if isinstance(function, Mapping) and isinstance(function.get("name"), str) and function["name"]:
+        return function
+    return None
+
+
 def _check_tool_calls(calls: Any, where: str) -> None:
     if not isinstance(calls, list):
         raise InvalidInputError(f"{where}: must be a list of tool calls, got {type(calls).__name__}")
     for j, call in enumerate(calls):
-        function = call.get("function") if isinstance(call, Mapping) else None
-        if (
-            not isinstance(function, Mapping)
-            or not isinstance(function.get("name"), str)
-            or not function["name"]
-        ):
+        function = _named_function(call)
+        if function is None:
             raise InvalidInputError(
                 f"{where}[{j}]: expected {{'function': {{'name': str, 'arguments': object|str}}}} "
                 "(the Gemma 4 template reads tool_call['function']['name'])"
@@ -264,12 +269,7 @@ def validate_tools(tools: Any, source: str = "tools") -> list[dict[str, Any]] | 
     if not isinstance(tools, (list, tuple)):
         raise InvalidInputError(f"{source}: expected a list of tool declarations, got {type(tools).__name__}")
     for j, tool in enumerate(tools):
-        function = tool.get("function") if isinstance(tool, Mapping) else None
-        if (
-            not isinstance(function, Mapping)
-            or not isinstance(function.get("name"), str)
-            or not function["name"]
-        ):
+        if _named_function(tool) is None:
             raise InvalidInputError(
                 f"{source}[{j}]: expected {{'type': 'function', 'function': {{'name': ..., 'description': ..., "
                 "'parameters': ...}}}"

@@ -13,13 +13,12 @@ holds is per layer where Gemma 4 is heterogeneous (head dim, KV heads, attention
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from gemma4.errors import ConfigError
+from gemma4.errors import ConfigError, InvalidInputError
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -132,17 +131,33 @@ class Gemma4TextSpec:
 
 
 def _load_json(path: Path) -> dict[str, Any]:
+    from gemma4.safe_read import read_json_object
+
     if path.is_dir():
         path = path / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: not readable JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a JSON object")
-    return data
+        return read_json_object(path, "config file")
+    except ConfigError:
+        raise
+    except InvalidInputError as exc:  # a config that cannot be read is a config error (same exit code 2)
+        raise ConfigError(str(exc)) from None
+
+
+#: Most decoder layers a config may declare. Released Gemma 4 models have at most 60; transformers' own
+#: config object takes ~0.5 ms per layer to build, so 10^5 layers would spin for a minute before any check.
+MAX_LAYERS = 1024
+
+
+def _bounded_layers(data: dict[str, Any], source: str) -> None:
+    n = data.get("num_hidden_layers")
+    if isinstance(n, int) and not isinstance(n, bool) and n > MAX_LAYERS:
+        raise ConfigError(
+            f"{source}: field 'num_hidden_layers' is {n}; more than {MAX_LAYERS} layers is refused "
+            "(released Gemma 4 models have at most 60)"
+        )
+    types = data.get("layer_types")
+    if isinstance(types, list) and len(types) > MAX_LAYERS:
+        raise ConfigError(f"{source}: field 'layer_types' has {len(types)} entries; at most {MAX_LAYERS}")
 
 
 def hf_text_config_from_dict(data: dict[str, Any], source: str = "config") -> Any:
@@ -162,6 +177,7 @@ def hf_text_config_from_dict(data: dict[str, Any], source: str = "config") -> An
         raise ConfigError(
             f"{source}: field 'model_type' is {model_type!r}; expected 'gemma4_text' or 'gemma4'"
         )
+    _bounded_layers(data, source)
     clean = {
         k: v for k, v in data.items() if k not in ("model_type", "transformers_version", "architectures")
     }
@@ -194,6 +210,25 @@ def _per_layer(cfg: Any, layer: int, name: str, default: int) -> int:
         value = getattr(plc[layer], name)
         return int(value)
     return default
+
+
+def _finite_number(value: Any, name: str) -> float:
+    """``value`` as a float if it is a finite JSON number (not a bool, string or NaN/inf); else ConfigError."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ConfigError(f"field {name!r} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"field {name!r} is non-finite ({value!r}); a config needs finite numbers")
+    return float(value)
+
+
+def _token_id(value: Any, name: str, vocab: int) -> None:
+    """A special token id must be null or an integer in ``[0, vocab_size)`` (HF's embedding indexes it)."""
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < vocab:
+        raise ConfigError(
+            f"field {name!r} must be an integer in [0, vocab_size) = [0, {vocab}), got {value!r}"
+        )
 
 
 def text_spec_from_any(obj: Any) -> Gemma4TextSpec:
@@ -314,34 +349,44 @@ def text_spec_from_hf(cfg: Any) -> Gemma4TextSpec:
             raise ConfigError(
                 f"field 'rope_parameters.{t}.rope_type' is {rtype!r}; supported: {list(SUPPORTED_ROPE_TYPES)}"
             )
-        theta = p.get("rope_theta")
-        if not isinstance(theta, (int, float)) or theta <= 0:
+        theta = _finite_number(p.get("rope_theta"), f"rope_parameters.{t}.rope_theta")
+        if not theta > 0:
             raise ConfigError(f"field 'rope_parameters.{t}.rope_theta' must be positive, got {theta!r}")
-        prf = float(p.get("partial_rotary_factor", 1.0)) if rtype == "proportional" else 1.0
+        prf, factor = 1.0, 1.0
+        if rtype == "proportional":
+            prf = _finite_number(
+                p.get("partial_rotary_factor", 1.0), f"rope_parameters.{t}.partial_rotary_factor"
+            )
+            factor = _finite_number(p.get("factor", 1.0), f"rope_parameters.{t}.factor")
         if not 0.0 <= prf <= 1.0:
             raise ConfigError(
                 f"field 'rope_parameters.{t}.partial_rotary_factor' must be in [0, 1], got {prf}"
             )
-        factor = float(p.get("factor", 1.0)) if rtype == "proportional" else 1.0
         if factor <= 0:
             raise ConfigError(f"field 'rope_parameters.{t}.factor' must be positive, got {factor}")
         # 'default' RoPE: Gemma4TextRotaryEmbedding.compute_default_rope_parameters reads only rope_theta and
         # the head dim, so a stray 'factor' / 'partial_rotary_factor' is ignored here exactly as HF ignores it.
         rope[t] = RopeSpec(rtype, float(theta), prf, factor)
 
-    eps = field("rms_norm_eps")
-    if not isinstance(eps, (int, float)) or not eps > 0:
+    eps = _finite_number(field("rms_norm_eps"), "rms_norm_eps")
+    if not eps > 0:
         raise ConfigError(f"field 'rms_norm_eps' must be positive, got {eps!r}")
     softcap = d.get("final_logit_softcapping")
-    if softcap is not None and (
-        not isinstance(softcap, (int, float)) or not softcap > 0 or math.isinf(softcap)
-    ):
+    if softcap is not None and not _finite_number(softcap, "final_logit_softcapping") > 0:
         raise ConfigError(
             f"field 'final_logit_softcapping' must be a positive number or null, got {softcap!r}"
         )
-    dropout = d.get("attention_dropout") or 0.0
-    if not 0.0 <= float(dropout) < 1.0:
+    dropout = _finite_number(d.get("attention_dropout") or 0.0, "attention_dropout")
+    if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"field 'attention_dropout' must be in [0, 1), got {dropout!r}")
+    max_pos = d.get("max_position_embeddings", 131072)
+    if not isinstance(max_pos, int) or isinstance(max_pos, bool) or max_pos < 1:
+        raise ConfigError(f"field 'max_position_embeddings' must be a positive integer, got {max_pos!r}")
+    _token_id(d.get("pad_token_id"), "pad_token_id", vocab)
+    _token_id(d.get("bos_token_id"), "bos_token_id", vocab)
+    eos = d.get("eos_token_id")
+    for i, e in enumerate(eos if isinstance(eos, list) else [eos]):
+        _token_id(e, "eos_token_id" if not isinstance(eos, list) else f"eos_token_id[{i}]", vocab)
 
     return Gemma4TextSpec(
         vocab_size=vocab,
@@ -352,14 +397,14 @@ def text_spec_from_hf(cfg: Any) -> Gemma4TextSpec:
         layer_types=layer_types,
         head_dims=tuple(head_dims),
         num_kv_heads=tuple(kv_heads),
-        sliding_window=int(window),
+        sliding_window=int(window) if isinstance(window, int) else 0,
         rope=rope,
         rms_norm_eps=float(eps),
         final_logit_softcapping=None if softcap is None else float(softcap),
         attention_k_eq_v=k_eq_v,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
         attention_dropout=float(dropout),
-        max_position_embeddings=int(d.get("max_position_embeddings", 131072)),
+        max_position_embeddings=max_pos,
         pad_token_id=d.get("pad_token_id"),
         bos_token_id=d.get("bos_token_id"),
         eos_token_id=d.get("eos_token_id"),

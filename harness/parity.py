@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,9 @@ import torch
 
 from gemma4.config import Gemma4TextSpec, hf_text_config_from_any, text_spec_from_hf
 from gemma4.errors import InvalidInputError
+from harness.budget import check_budget, estimate_run
 from harness.compare import TensorDiff, logit_stats, tensor_diff
+from harness.layout import RunLayout, validate_layout
 from harness.provenance import software_versions
 from harness.tolerances import GRAD_SCALE_FLOOR, Tolerance, reordered, tolerance_for
 
@@ -30,13 +33,31 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.
 
 @dataclass
 class ParitySource:
-    """What a parity run compares: an HF text config and optionally real weights."""
+    """What a parity run compares: an HF text config and optionally real weights.
+
+    Weights of a checkpoint are read only by :meth:`materialize` (``loader``), after the run's memory
+    estimate passed; every tensor must be finite (a non-finite weight is invalid input, not a port bug).
+    """
 
     label: str
     hf_config: Any
     spec: Gemma4TextSpec
     weights: dict[str, torch.Tensor] | None = None
     notes: list[str] = field(default_factory=list)
+    loader: Callable[[], dict[str, torch.Tensor]] | None = None
+
+    def materialize(self) -> None:
+        """Read the checkpoint's weights (once) and refuse non-finite values, naming the tensor."""
+        if self.weights is None and self.loader is not None:
+            self.weights, self.loader = self.loader(), None
+        for name, t in (self.weights or {}).items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                kinds = [k for k, f in (("NaN", torch.isnan), ("inf", torch.isinf)) if bool(f(t).any())]
+                raise InvalidInputError(
+                    f"{self.label}: tensor {name!r} holds {bad} non-finite value(s) ({' and '.join(kinds)}); "
+                    "parity needs finite weights (this is the input, not the port)"
+                )
 
 
 def resolve_source(
@@ -60,8 +81,14 @@ def resolve_source(
     # Validated like the converter validates: names, shapes, dtypes against config.json; dead K/V of
     # KV-shared layers and a tied lm_head copy are dropped with a note.
     ckpt = open_hf_checkpoint(Path(hf_checkpoint))
-    tensors = {name: ckpt.read(name) for name in ckpt.tensors}
-    return ParitySource(f"checkpoint:{hf_checkpoint}", ckpt.hf_config, ckpt.spec, tensors, list(ckpt.notes))
+    return ParitySource(
+        f"checkpoint:{hf_checkpoint}",
+        ckpt.hf_config,
+        ckpt.spec,
+        None,
+        list(ckpt.notes),
+        loader=lambda: {name: ckpt.read(name) for name in ckpt.tensors},
+    )
 
 
 # ---- activation capture ---------------------------------------------------------------------------------
@@ -157,75 +184,6 @@ def describe_point(spec: Gemma4TextSpec, name: str) -> str:
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RunLayout:
-    """How our model is run: tensor/context parallel sizes, sequence parallelism, packed documents."""
-
-    tp: int = 1
-    cp: int = 1
-    sequence_parallel: bool = False
-    packed: tuple[int, ...] | None = None
-    ep: int = 1
-    recompute: bool = False  # full activation recompute, one layer per checkpoint
-
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.cp * self.ep
-
-    @property
-    def name(self) -> str:
-        parts = [f"tp{self.tp}" + ("+sp" if self.sequence_parallel else "")]
-        if self.cp > 1:
-            parts.append(f"cp{self.cp}")
-        if self.ep > 1:
-            parts.append(f"ep{self.ep}")
-        if self.recompute:
-            parts.append("recompute")
-        if self.packed:
-            parts.append("packed[" + ",".join(map(str, self.packed)) + "]")
-        return "-".join(parts)
-
-
-def validate_layout(spec: Gemma4TextSpec, layout: RunLayout, batch: int, seq_len: int) -> None:
-    """Refuse layouts the model cannot run, naming the flag (exit 2 in the CLI)."""
-    if layout.tp < 1 or layout.cp < 1 or layout.ep < 1:
-        raise InvalidInputError(
-            f"--tp, --cp and --ep must be >= 1 (got {layout.tp}, {layout.cp}, {layout.ep})"
-        )
-    if layout.world_size > 8:
-        raise InvalidInputError(
-            f"--tp x --cp x --ep = {layout.world_size} processes; at most 8 on a CPU machine"
-        )
-    if layout.ep > 1:
-        if not spec.enable_moe:
-            raise InvalidInputError(
-                f"--ep {layout.ep}: the config has no experts to shard (enable_moe_block is false)"
-            )
-        if spec.num_experts % layout.ep:
-            raise InvalidInputError(f"--ep {layout.ep} does not divide num_experts = {spec.num_experts}")
-        if layout.packed or batch % layout.ep:
-            raise InvalidInputError(
-                f"--ep {layout.ep}: expert-parallel ranks are data-parallel replicas, so --batch ({batch}) must be "
-                "a multiple of --ep (and --packed, a single row, cannot be split)"
-            )
-    if spec.enable_moe and layout.tp > 1 and not layout.sequence_parallel:
-        raise InvalidInputError("--tp > 1 with MoE layers needs --sequence-parallel (as Megatron requires)")
-    tp = layout.tp
-    # Vocabulary and MLP widths are zero-padded to a multiple of TP (see tp_padding); heads cannot be.
-    if spec.num_attention_heads % tp:
-        raise InvalidInputError(f"--tp {tp} does not divide num_attention_heads = {spec.num_attention_heads}")
-    if spec.ple_dim and spec.ple_dim % tp:
-        raise InvalidInputError(f"--tp {tp} does not divide hidden_size_per_layer_input = {spec.ple_dim}")
-    for i, nkv in enumerate(spec.num_kv_heads):
-        if (nkv >= tp and nkv % tp) or (nkv < tp and tp % nkv):
-            raise InvalidInputError(f"--tp {tp}: layer {i} has {nkv} KV heads; one must divide the other")
-    if layout.sequence_parallel and tp == 1:
-        raise InvalidInputError("--sequence-parallel needs --tp > 1")
-    lengths = list(layout.packed) if layout.packed else [seq_len]
-    if layout.packed and any(n < 2 for n in lengths):
-        raise InvalidInputError(f"--packed: every document needs >= 2 tokens, got {lengths}")
 
 
 def make_inputs(spec: Gemma4TextSpec, batch: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -382,6 +340,22 @@ def reference_noise(
     acts = max(tensor_diff(ref_acts[k], exact_acts[k]).scaled for k in exact_acts if k != "logits")
     kl = logit_stats(ref_acts["logits"], exact_acts["logits"]).kl_mean
     return logits, acts, kl
+
+
+def require_finite_reference(
+    spec: Gemma4TextSpec, ref_acts: dict[str, torch.Tensor], label: str, dtype: torch.dtype
+) -> None:
+    """The HF reference must be finite everywhere: if HF itself overflows or produces NaN on these weights
+    and inputs, there is nothing to compare the port with, and blaming the port would be wrong. Raises
+    :class:`InvalidInputError` naming the first non-finite capture point."""
+    for name in capture_order(spec):
+        t = ref_acts.get(name)
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise InvalidInputError(
+                f"{label}: the HF reference itself is non-finite at {describe_point(spec, name)} in "
+                f"{str(dtype).removeprefix('torch.')} (NaN/inf from the weights or config, e.g. values that "
+                "overflow this dtype); not a port failure, fix the input"
+            )
 
 
 def finalize_grads(model: torch.nn.Module, config) -> None:
@@ -546,7 +520,8 @@ def run_parity(
     grads: bool = False,
     tolerance: Tolerance | None = None,
     layout: RunLayout | None = None,
-    timeout: float = 300.0,
+    timeout: float | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Build both models, run them on the same ids, compare. Returns the JSON-ready result dict.
 
@@ -565,6 +540,13 @@ def run_parity(
         raise InvalidInputError(f"--batch must be >= 1 and --seq-len >= 2 (got {batch}, {seq_len})")
     spec = source.spec
     validate_layout(spec, layout, batch, seq_len)
+    # Nothing is allocated before the estimate: a config or flag asking for terabytes is refused (exit 2).
+    forced = check_budget(
+        estimate_run(spec, dtype, batch, seq_len, grads=grads, world_size=layout.world_size),
+        force=force,
+        what=f"parity {source.label} {str(dtype).removeprefix('torch.')} batch {batch} x seq {seq_len}",
+    )
+    source.materialize()
     tol = tolerance or tolerance_for(dtype)
     t0 = time.perf_counter()
     hf = build_reference_model(source.hf_config, dtype, seed=seed, weights=source.weights)
@@ -574,6 +556,7 @@ def run_parity(
     cu = cu_seqlens_of(list(layout.packed) if layout.packed else [seq_len])
 
     ref_logits, ref_acts = run_reference(hf, ids, cu, bool(layout.packed), grads)
+    require_finite_reference(spec, ref_acts, source.label, dtype)
     # fp32: Megatron's packed GEMMs may sum in another order than HF's separate projections; bf16 stays
     # mirrored (bitwise) unless the layout or the MoE dispatcher reorders sums (see tolerances.reordered).
     reorders = layout.world_size > 1 or bool(layout.packed) or spec.enable_moe
@@ -586,6 +569,12 @@ def run_parity(
         for k, v in hf_weights.items():
             param = named.get(("" if k.startswith("lm_head.") else "model.") + k)
             hf_grads[k] = param.grad if param is not None else torch.zeros_like(v)
+        for k, g in hf_grads.items():
+            if not bool(torch.isfinite(g).all()):
+                raise InvalidInputError(
+                    f"{source.label}: the HF reference's gradient of {k!r} is non-finite; the loss overflows "
+                    "on this input (not a port failure)"
+                )
         ref_grads = hf_to_mcore(hf_grads, spec)
     t_ref = time.perf_counter() - t0
 
@@ -600,7 +589,8 @@ def run_parity(
         par = Parallelism(
             tp=layout.tp, cp=layout.cp, ep=layout.ep, sequence_parallel=layout.sequence_parallel
         )
-        results = run_distributed(run_megatron_rank, par, *args, timeout=timeout)
+        deadline = {} if timeout is None else {"timeout": timeout}
+        results = run_distributed(run_megatron_rank, par, *args, **deadline)
     our_logits, our_acts = _assemble(results, layout, seq)
     t_ours = time.perf_counter() - t1
 
@@ -615,19 +605,20 @@ def run_parity(
     first_divergence = None
     for name in capture_order(spec):
         d = points[name]
-        bad = d.max_abs > tol.logits_max_abs if name == "logits" else d.scaled > tol.activations_max_scaled
-        if bad:
+        # `not (x <= bound)`: a NaN error is a failure, never a pass
+        ok = d.max_abs <= tol.logits_max_abs if name == "logits" else d.scaled <= tol.activations_max_scaled
+        if not ok:
             first_divergence = describe_point(spec, name)
             break
-    if logits_diff.max_abs > tol.logits_max_abs:
+    if not logits_diff.max_abs <= tol.logits_max_abs:
         failures.append(f"logits max abs {logits_diff.max_abs:.3e} > {tol.logits_max_abs:.0e}")
-    if activations_worst > tol.activations_max_scaled:
+    if not activations_worst <= tol.activations_max_scaled:
         failures.append(
             f"activations max scaled error {activations_worst:.3e} > {tol.activations_max_scaled:.0e}"
         )
-    if tol.kl_max is not None and stats.kl_mean > tol.kl_max:
+    if tol.kl_max is not None and not stats.kl_mean <= tol.kl_max:
         failures.append(f"mean KL {stats.kl_mean:.3e} > {tol.kl_max:.0e}")
-    if tol.argmax_min is not None and stats.argmax_agreement < tol.argmax_min:
+    if tol.argmax_min is not None and not stats.argmax_agreement >= tol.argmax_min:
         failures.append(f"argmax agreement {stats.argmax_agreement:.3f} < {tol.argmax_min}")
 
     grad_report: dict[str, Any] | None = None
@@ -648,7 +639,7 @@ def run_parity(
         worst_name = max(per_param, key=lambda n: per_param[n]["scaled"]) if per_param else None
         worst = per_param[worst_name]["scaled"] if worst_name else 0.0
         grad_report = {"max_scaled": worst, "worst_parameter": worst_name, "per_parameter": per_param}
-        if tol.grads_max_scaled is not None and worst > tol.grads_max_scaled:
+        if tol.grads_max_scaled is not None and not worst <= tol.grads_max_scaled:
             failures.append(
                 f"gradient of {worst_name}: scaled error {worst:.3e} > {tol.grads_max_scaled:.0e}"
             )
@@ -687,7 +678,7 @@ def run_parity(
         "per_point": {name: d.to_json() for name, d in points.items()},
         "grads": grad_report,
         "config": spec.to_json_dict(),
-        "notes": source.notes,
+        "notes": source.notes + ([forced] if forced else []),
         "timings_s": {"reference": t_ref, "megatron": t_ours},
         "versions": software_versions(),
         "_tensors": {

@@ -15,11 +15,18 @@ Never loosen a bound to get green: find the bug.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 
+from gemma4.errors import InvalidInputError
+
 GRAD_SCALE_FLOOR = 1e-3
+
+
+class NonFiniteNoiseError(InvalidInputError):
+    """The measured reference noise is not finite, so no noise-floor bound exists (exit 2: the input)."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,14 @@ def reordered(
     still fails. Applied to every fp32 run and to bf16 runs of reordered layouts and MoE (single-process
     bf16 stays mirrored and bitwise).
     """
+    noises = {"logits": ref_logits_noise, "activations": ref_activations_noise, "KL": ref_kl_noise}
+    bad = {k: v for k, v in noises.items() if not math.isfinite(v)}
+    if bad:  # a gate must never widen itself to infinity (or to NaN, which every comparison passes)
+        raise NonFiniteNoiseError(
+            "the noise-floor bound cannot be derived: the reference's own error against exact fp64 is "
+            + ", ".join(f"{k} {v}" for k, v in bad.items())
+            + " (non-finite); the input overflows this dtype, parity cannot be judged"
+        )
     return Tolerance(
         name=f"{tol.name}+noise-floor",
         logits_max_abs=max(tol.logits_max_abs, NOISE_FACTOR * ref_logits_noise),

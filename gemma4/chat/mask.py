@@ -53,10 +53,14 @@ from typing import Any
 from gemma4.chat import tokens as T
 from gemma4.chat.templates import check_gemma4_template
 from gemma4.errors import InvalidInputError
+from gemma4.safe_read import check_depth
 
 VALID_ROLES = ("system", "developer", "user", "assistant", "model", "tool")
 MODEL_ROLES = ("assistant", "model")
 MISMATCH_POLICIES = ("warn", "error", "ignore")
+#: Deepest nesting of messages/tools accepted (the conversation list, a message, a tool call, its arguments,
+#: nested argument values). The templates format arguments recursively, several Python frames per level.
+MAX_CHAT_DEPTH = 32
 #: transformers copies a message's reasoning from these fields (first non-null) into ``reasoning_content``.
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 _CONTENT_ITEM_TYPES = ("text", "image", "audio", "video")
@@ -343,6 +347,10 @@ def _render(
         )
     except jinja2.TemplateError as exc:
         raise InvalidInputError(f"chat template failed to render the conversation: {exc}") from None
+    except RecursionError:
+        raise InvalidInputError(
+            "chat template failed to render the conversation: nested too deeply for the template's recursion"
+        ) from None
 
 
 class _Walker:
@@ -556,6 +564,9 @@ def build_chat_mask(
     """
     if on_mismatch not in MISMATCH_POLICIES:
         raise InvalidInputError(f"on_mismatch: {on_mismatch!r} is not one of {list(MISMATCH_POLICIES)}")
+    # Templates render tool-call arguments recursively: bound the nesting before Jinja recurses.
+    check_depth(messages, source, MAX_CHAT_DEPTH)
+    check_depth(tools, tools_source, MAX_CHAT_DEPTH)
     normalized = validate_messages(messages, source)
     tools = validate_tools(tools, tools_source)
     check_tokenizer(tokenizer)

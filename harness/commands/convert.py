@@ -1,9 +1,9 @@
 """``gemma4-harness convert``: HF <-> Megatron checkpoints, and a bit-exact round-trip check.
 
-* ``hf-to-mcore --hf DIR --out DIR [--tp N] [--ep N]``: write a Megatron checkpoint (per-rank safetensors
+* ``hf-to-mcore --hf-checkpoint DIR --out DIR [--tp N] [--ep N]``: write a Megatron checkpoint (per-rank safetensors
   + ``gemma4_mcore.json``).
 * ``mcore-to-hf --mcore DIR --out DIR``: export it as a ``Gemma4ForCausalLM`` directory.
-* ``roundtrip --hf DIR [--tp N] [--ep N]``: HF -> Megatron -> HF in a scratch directory; exit 0 iff every
+* ``roundtrip --hf-checkpoint DIR [--tp N] [--ep N]``: HF -> Megatron -> HF in a scratch directory; exit 0 iff every
   text tensor comes back with the same name, shape, dtype and bytes.
 
 Exit 2 (one line, no traceback, nothing left behind) for invalid input: the message names the file, tensor,
@@ -13,21 +13,23 @@ field or flag.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
-from gemma4.atomic_io import atomic_write_text
+from gemma4.atomic_io import atomic_write_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``convert`` and its three directions."""
+    from harness.cli_paths import IN_DIR, IN_FILE, OUT_DIR, OUT_FILE, declare
+    from harness.commands._options import add_hf_checkpoint
+
     p = sub.add_parser("convert", help="convert Gemma 4 weights between HF and Megatron checkpoints")
     directions = p.add_subparsers(dest="direction", required=True, parser_class=type(p))
 
     a = directions.add_parser("hf-to-mcore", help="HF directory -> Megatron checkpoint")
-    a.add_argument(
-        "--hf", type=Path, required=True, help="HF checkpoint directory (config.json + safetensors)"
+    add_hf_checkpoint(
+        a, required=True, help="HF checkpoint directory (config.json + safetensors)", old="--hf"
     )
     a.add_argument("--out", type=Path, required=True, help="new (or empty) output directory")
     a.add_argument("--tp", type=int, default=1, help="tensor-parallel size to shard for")
@@ -39,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="per-rank safetensors (default, streamed) or Megatron torch_dist (for --load; whole model in memory)",
     )
     a.add_argument("--json", type=Path, help="write the report as JSON")
-    a.set_defaults(func=run_hf_to_mcore)
+    a.set_defaults(func=run_hf_to_mcore, io_paths=declare(hf_checkpoint=IN_DIR, out=OUT_DIR, json=OUT_FILE))
 
     b = directions.add_parser("mcore-to-hf", help="Megatron checkpoint -> HF directory (Gemma4ForCausalLM)")
     b.add_argument("--mcore", type=Path, required=True, help="checkpoint written by hf-to-mcore")
@@ -48,23 +50,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--hf-config", type=Path, help="config.json of the model (torch_dist checkpoints saved by Megatron)"
     )
     b.add_argument("--json", type=Path, help="write the report as JSON")
-    b.set_defaults(func=run_mcore_to_hf)
+    b.set_defaults(
+        func=run_mcore_to_hf, io_paths=declare(mcore=IN_DIR, hf_config=IN_FILE, out=OUT_DIR, json=OUT_FILE)
+    )
 
     c = directions.add_parser("roundtrip", help="HF -> Megatron -> HF; exit 0 iff bit-exact")
-    c.add_argument("--hf", type=Path, required=True, help="HF checkpoint directory")
+    add_hf_checkpoint(c, required=True, help="HF checkpoint directory", old="--hf")
     c.add_argument("--tp", type=int, default=1)
     c.add_argument("--ep", type=int, default=1)
     c.add_argument("--format", choices=["safetensors", "torch_dist"], default="safetensors")
     c.add_argument("--workdir", type=Path, help="scratch space (default: the system temp directory)")
     c.add_argument("--json", type=Path, help="write the report as JSON")
-    c.set_defaults(func=run_roundtrip)
+    c.set_defaults(func=run_roundtrip, io_paths=declare(hf_checkpoint=IN_DIR, workdir=OUT_DIR, json=OUT_FILE))
 
 
 def _write_json(path: Path | None, report: dict[str, Any]) -> None:
     """Write ``report`` to ``path`` atomically (temp file + rename)."""
     if path is None:
         return
-    atomic_write_text(path, json.dumps(report, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(path, report)
 
 
 def _print_notes(report: dict[str, Any]) -> None:
@@ -76,7 +80,7 @@ def run_hf_to_mcore(args: argparse.Namespace) -> int:
     """``convert hf-to-mcore``."""
     from gemma4.conversion.convert import hf_to_mcore_dir
 
-    report = hf_to_mcore_dir(args.hf, args.out, tp=args.tp, ep=args.ep, fmt=args.format)
+    report = hf_to_mcore_dir(args.hf_checkpoint, args.out, tp=args.tp, ep=args.ep, fmt=args.format)
     print(
         f"wrote Megatron checkpoint {report['out']} ({report['format']}, tp={report['tp']} ep={report['ep']} "
         f"{report['dtype']}, {report['hf_tensors']} HF tensors) in {report['seconds']:.2f} s"
@@ -104,10 +108,10 @@ def run_roundtrip(args: argparse.Namespace) -> int:
     """``convert roundtrip``: exit 0 iff bit-exact, 1 otherwise."""
     from gemma4.conversion.convert import roundtrip
 
-    report = roundtrip(args.hf, tp=args.tp, ep=args.ep, workdir=args.workdir, fmt=args.format)
+    report = roundtrip(args.hf_checkpoint, tp=args.tp, ep=args.ep, workdir=args.workdir, fmt=args.format)
     verdict = "bit-exact" if report["identical"] else f"{len(report['differences'])} differences"
     print(
-        f"roundtrip {args.hf} ({report['format']}) tp={report['tp']} ep={report['ep']} {report['dtype']}: "
+        f"roundtrip {args.hf_checkpoint} ({report['format']}) tp={report['tp']} ep={report['ep']} {report['dtype']}: "
         f"{report['tensors']} tensors, {verdict}"
     )
     _print_notes(report)

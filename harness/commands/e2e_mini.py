@@ -6,53 +6,68 @@ Exit 0 when every gate holds, 1 when one fails (each failure is named), 2 for in
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
 
-from gemma4.atomic_io import atomic_write_text
+from gemma4.atomic_io import atomic_write_json
+
+#: Upper bound on a rendered arithmetic prompt's length in tokens (for the memory estimate).
+PROMPT_TOKENS = 64
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the ``e2e-mini`` subcommand."""
+    from harness.cli_paths import OUT_FILE, declare
+    from harness.commands._options import (
+        add_budget,
+        add_seed,
+        bounded_int,
+        positive_float,
+        preset_help,
+        preset_name,
+    )
+    from harness.exit_codes import epilog
+
     p = sub.add_parser(
         "e2e-mini",
         help="CPU RL smoke: train (Megatron), sync through the converter, roll out (HF), compare log-probs",
+        epilog=epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--preset", default="tiny-31b", type=preset_name, help=preset_help("tiny preset"))
     p.add_argument(
-        "--preset",
-        default="tiny-31b",
-        help="tiny preset (tiny-31b, tiny-12b, tiny-26b-a4b, tiny-e2b, tiny-e4b)",
-    )
-    p.add_argument(
-        "--steps", type=int, default=2, help="optimizer steps (each followed by a sync and a rollout)"
+        "--steps",
+        type=bounded_int("--steps", 1, 10_000),
+        default=2,
+        help="optimizer steps (each followed by a sync and a rollout)",
     )
     p.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     p.add_argument(
         "--tp", type=int, default=1, help="tensor parallel size of the trainer (forked gloo ranks)"
     )
     p.add_argument("--ep", type=int, default=1, help="expert parallel size of the trainer (MoE presets)")
-    p.add_argument("--prompts", type=int, default=2, help="arithmetic problems per rollout")
-    p.add_argument("--group-size", type=int, default=8, help="sampled responses per problem (GRPO group)")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
-    p.add_argument("--bucket-kib", type=float, default=256.0, help="weight-sync bucket size in KiB")
+    p.add_argument(
+        "--prompts", type=bounded_int("--prompts", 1), default=2, help="arithmetic problems per rollout"
+    )
+    p.add_argument(
+        "--group-size",
+        type=bounded_int("--group-size", 2),
+        default=8,
+        help="sampled responses per problem (GRPO group)",
+    )
+    p.add_argument("--max-new-tokens", type=bounded_int("--max-new-tokens", 1), default=16)
+    add_seed(p)
+    p.add_argument("--lr", type=positive_float("--lr"), default=1e-4, help="Adam learning rate")
+    p.add_argument(
+        "--bucket-kib",
+        type=positive_float("--bucket-kib"),
+        default=256.0,
+        help="weight-sync bucket size in KiB",
+    )
     p.add_argument("--json", type=Path, help="write the result as JSON")
-    p.set_defaults(func=run)
-
-
-def json_safe(obj: Any) -> Any:
-    """``obj`` with non-finite floats as the strings ``"inf"``, ``"-inf"``, ``"nan"`` (strict JSON)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
+    add_budget(p)
+    p.set_defaults(func=run, io_paths=declare(json=OUT_FILE))
 
 
 def format_summary(result: dict[str, Any]) -> str:
@@ -106,10 +121,32 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr,
         bucket_bytes=int(args.bucket_kib * 1024),
     )
+    import dataclasses
+
+    from gemma4.config import text_spec_from_any
+    from harness.budget import check_budget, estimate_run
+    from harness.presets import preset_config_dict
+
+    if args.deadline is not None:
+        cfg = dataclasses.replace(cfg, timeout=args.deadline)
+    # Rollouts of every prompt's group (+ a greedy one) of at most PROMPT_TOKENS + max_new_tokens tokens,
+    # trained with gradients: estimated before anything is built.
+    forced = check_budget(
+        estimate_run(
+            text_spec_from_any(preset_config_dict(args.preset)),
+            args.dtype,
+            cfg.rows,
+            PROMPT_TOKENS + args.max_new_tokens,
+            grads=True,
+            world_size=args.tp * args.ep,
+        ),
+        force=args.force,
+        what=f"e2e-mini {args.preset} ({cfg.rows} rollouts x {args.max_new_tokens} new tokens)",
+    )
+    if forced:
+        print(f"note: {forced}")
     result = run_e2e(cfg)
     if args.json:
-        atomic_write_text(
-            args.json, json.dumps(json_safe(result), indent=2, sort_keys=True, allow_nan=False) + "\n"
-        )
+        atomic_write_json(args.json, result)
     print(format_summary(result), file=sys.stdout)
     return 0 if result["pass"] else 1

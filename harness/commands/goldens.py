@@ -27,6 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from harness.cli_paths import IN_DIR, OUT_DIR, OUT_FILE, declare
+    from harness.commands._options import add_budget
+
     actions = p.add_subparsers(dest="action", required=True, parser_class=type(p))
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -48,7 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog=epilog,
     )
     rec.add_argument("--update", action="store_true", help="overwrite existing goldens (prints what changed)")
-    rec.set_defaults(func=run_record)
+    add_budget(rec, deadline=False)
+    rec.set_defaults(func=run_record, io_paths=declare(goldens_dir=OUT_DIR))
     chk = actions.add_parser(
         "check",
         parents=[common],
@@ -57,7 +61,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     chk.add_argument("--json", type=Path, help="also write the outcomes as JSON")
-    chk.set_defaults(func=run_check)
+    add_budget(chk, deadline=False)
+    chk.set_defaults(func=run_check, io_paths=declare(goldens_dir=IN_DIR, json=OUT_FILE))
     lst = actions.add_parser("list", help="list the golden cases and families")
     lst.set_defaults(func=run_list)
 
@@ -87,18 +92,16 @@ def run_record(args: argparse.Namespace) -> int:
 
 def run_check(args: argparse.Namespace) -> int:
     """Check; exit code per the module docstring."""
-    import json
-
     import torch
 
+    from gemma4.atomic_io import atomic_write_json
     from harness.goldens.check import check_goldens, format_check
-    from harness.goldens.store import atomic_write_bytes
 
     torch.set_num_threads(1)  # tiny models: threads add only contention and core-count-dependent sums
-    report = check_goldens(args.goldens_dir, args.only, args.progress)
+    report = check_goldens(args.goldens_dir, args.only, args.progress, force=args.force)
     print(format_check(report))
     if args.json:
-        atomic_write_bytes(args.json, (json.dumps(report.to_json(), indent=2) + "\n").encode())
+        atomic_write_json(args.json, report.to_json(), sort_keys=False)
     return report.exit_code
 
 

@@ -6,26 +6,34 @@ Exit 0 when parity holds, 1 when it does not, 2 for invalid input.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from gemma4.atomic_io import atomic_write_bytes
+from gemma4.atomic_io import atomic_write_bytes, atomic_write_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the ``parity`` subcommand."""
-    p = sub.add_parser("parity", help="compare our Megatron-Core Gemma 4 with HF transformers")
+    from harness.cli_paths import IN_DIR, IN_FILE, OUT_DIR, OUT_FILE, declare
+    from harness.commands._options import add_budget, add_seed, bounded_int, preset_help, preset_name
+    from harness.exit_codes import epilog
+
+    p = sub.add_parser(
+        "parity",
+        help="compare our Megatron-Core Gemma 4 with HF transformers",
+        epilog=epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", help="built-in tiny preset (tiny-31b, tiny-12b)")
+    src.add_argument("--preset", type=preset_name, help=preset_help())
     src.add_argument("--hf-config", type=Path, help="HF config.json; weights are random (seeded)")
     src.add_argument("--hf-checkpoint", type=Path, help="HF directory: config.json + safetensors")
     p.add_argument("--dtype", default="float64", choices=["float64", "float32", "bfloat16"])
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=24)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=bounded_int("--batch", 1), default=2)
+    p.add_argument("--seq-len", type=bounded_int("--seq-len", 2), default=24)
+    add_seed(p)
     p.add_argument("--grads", action="store_true", help="also compare every parameter's gradient")
     p.add_argument(
         "--packed",
@@ -40,7 +48,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sequence-parallel", action="store_true", help="sequence parallelism (needs --tp > 1)")
     p.add_argument("--dump", type=Path, help="write inputs/megatron/hf safetensors into this directory")
     p.add_argument("--json", type=Path, help="write the result as JSON")
-    p.set_defaults(func=run)
+    add_budget(p)
+    p.set_defaults(
+        func=run,
+        io_paths=declare(hf_config=IN_FILE, hf_checkpoint=IN_DIR, dump=OUT_DIR, json=OUT_FILE),
+    )
 
 
 def write_dump(directory: Path, tensors: dict[str, Any]) -> None:
@@ -115,11 +127,13 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         grads=args.grads,
         layout=layout,
+        timeout=args.deadline,
+        force=args.force,
     )
     tensors = result.pop("_tensors")
     if args.dump:
         write_dump(args.dump, tensors)
     if args.json:
-        atomic_write_bytes(args.json, (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
+        atomic_write_json(args.json, result)
     print(format_summary(result), file=sys.stdout)
     return 0 if result["pass"] else 1

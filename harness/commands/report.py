@@ -16,6 +16,10 @@ from harness.commands.goldens import REPO_GOLDENS
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the ``report`` subcommand."""
+    from harness.cli_paths import IN_DIR, OUT_DIR, OUT_FILE, declare
+    from harness.commands._options import add_budget, add_seed, bounded_int, preset_help
+    from harness.report.layouts import LAYOUTS
+
     p = sub.add_parser(
         "report",
         help="HTML + Markdown parity report (preset x dtype x layout, goldens, plots)",
@@ -25,7 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--junit", type=Path, help="also write JUnit XML here")
-    p.add_argument("--preset", action="append", help="preset to run (repeatable; default: every preset)")
+    p.add_argument(
+        "--preset", action="append", help=preset_help("preset to run (repeatable; default: every one)")
+    )
     p.add_argument(
         "--dtype",
         action="append",
@@ -33,18 +39,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="dtype to run (repeatable; default: float64, float32, bfloat16)",
     )
     p.add_argument(
-        "--layout", action="append", help="parallel layout (repeatable; default: every registered one)"
+        "--layout",
+        action="append",
+        help="parallel layout (repeatable; default: every registered one): "
+        + ", ".join(layout["name"] for layout in LAYOUTS),
     )
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=bounded_int("--batch", 1), default=None)
+    p.add_argument("--seq-len", type=bounded_int("--seq-len", 2), default=None)
+    add_seed(p)
     p.add_argument(
         "--goldens-dir", type=Path, default=REPO_GOLDENS, help=f"goldens to check (default {REPO_GOLDENS})"
     )
     p.add_argument("--goldens-only", action="append", metavar="CASE", help="check only these golden cases")
     p.add_argument("--no-goldens", action="store_true", help="do not check the goldens")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars")
-    p.set_defaults(func=run)
+    add_budget(p)
+    p.set_defaults(func=run, io_paths=declare(out=OUT_DIR, junit=OUT_FILE, goldens_dir=IN_DIR))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,6 +80,20 @@ def run(args: argparse.Namespace) -> int:
         import matplotlib  # noqa: F401
     except ImportError:
         raise InvalidInputError("the report's plots need matplotlib: pip install -e '.[test]'") from None
+    from gemma4.config import text_spec_from_any
+    from harness.budget import check_budget, estimate_run
+    from harness.presets import preset_config_dict
+
+    for preset in presets:  # before any run: the largest row of each preset (fp64, the widest layout)
+        spec = text_spec_from_any(preset_config_dict(preset))
+        world = max(getattr(lay["kwargs"].get("layout"), "world_size", 1) for lay in layouts)
+        forced = check_budget(
+            estimate_run(spec, torch.float64, batch, seq_len, grads=False, world_size=world),
+            force=args.force,
+            what=f"report {preset} batch {batch} x seq {seq_len}",
+        )
+        if forced:
+            print(f"note: {forced}")
     torch.set_num_threads(1)  # tiny models: threads only add contention and machine-dependent reductions
     data = collect(
         presets,
@@ -81,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         goldens_dir=None if args.no_goldens else args.goldens_dir,
         goldens_only=args.goldens_only,
         show_progress=args.progress,
+        timeout=args.deadline,
     )
     written = write_report(data, args.out, args.junit)
     print(f"report: {written['html']}  summary: {written['markdown']}")

@@ -74,7 +74,33 @@ def _version_notes(entries: dict[str, Any]) -> list[str]:
     ]
 
 
-def _check_case(case, entry, goldens_dir: Path) -> Outcome:
+def validate_recorded_config(entry: Any, case_name: str, goldens_dir: Path, force: bool = False) -> None:
+    """The config a golden was recorded with must be a valid Gemma 4 config whose run fits in memory;
+    otherwise the golden is broken (exit 4), not a regression of our model (exit 1). Raises GoldenError."""
+    from gemma4.config import text_spec_from_any
+    from harness.budget import check_budget, estimate_run
+
+    where = f"{goldens_dir / MANIFEST}: case {case_name!r}"
+    config = entry.get("config") if isinstance(entry, dict) else None
+    if config is None:
+        return  # families without a model config (chat) validate their own entries
+    if not isinstance(config, dict):
+        raise GoldenError(f"{where}: recorded 'config' is not an object")
+    try:
+        spec = text_spec_from_any(dict(config))
+    except InvalidInputError as exc:
+        raise GoldenError(f"{where}: recorded config is invalid: {exc}") from None
+    inputs = entry.get("inputs") if isinstance(entry.get("inputs"), dict) else {}
+    batch, seq = inputs.get("batch", 2), inputs.get("seq_len", 24)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (batch, seq)):
+        raise GoldenError(f"{where}: recorded inputs batch/seq_len must be positive integers")
+    try:
+        check_budget(estimate_run(spec, "float64", batch, seq, grads=True), force=force, what=where)
+    except InvalidInputError as exc:
+        raise GoldenError(str(exc)) from None
+
+
+def _check_case(case, entry, goldens_dir: Path, force: bool = False) -> Outcome:
     if entry is None:
         return Outcome(
             case.name,
@@ -83,6 +109,7 @@ def _check_case(case, entry, goldens_dir: Path) -> Outcome:
             f"(record it with `gemma4-harness goldens record --only {case.name}`)",
         )
     try:
+        validate_recorded_config(entry, case.name, goldens_dir, force)
         files = read_case_files(goldens_dir, case.name, entry)
         return family(case.family).check(case, entry, files, goldens_dir)
     except (GoldenError, InvalidInputError) as exc:
@@ -92,7 +119,10 @@ def _check_case(case, entry, goldens_dir: Path) -> Outcome:
 
 
 def check_goldens(
-    goldens_dir: Path, only: list[str] | None = None, show_progress: bool | None = None
+    goldens_dir: Path,
+    only: list[str] | None = None,
+    show_progress: bool | None = None,
+    force: bool = False,
 ) -> CheckReport:
     """Check the selected goldens in ``goldens_dir`` (all by default)."""
     goldens_dir = Path(goldens_dir)
@@ -107,7 +137,7 @@ def check_goldens(
 
     entries = manifest["cases"]
     outcomes = [
-        _check_case(case, entries.get(case.name), goldens_dir)
+        _check_case(case, entries.get(case.name), goldens_dir, force)
         for case in progress(cases, "checking goldens", show_progress)
     ]
     outcomes += [chat.check(goldens_dir) for d in delegated if d == chat.NAME]

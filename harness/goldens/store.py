@@ -94,19 +94,17 @@ def empty_manifest() -> dict[str, Any]:
 
 def read_manifest(goldens_dir: Path) -> dict[str, Any]:
     """The parsed, validated manifest; :class:`GoldenError` naming the file when it is not usable."""
+    from gemma4.safe_read import read_json
+
     path = goldens_dir / MANIFEST
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    if not path.exists() and not path.is_symlink():
         raise GoldenError(
             f"{path}: missing (no goldens recorded here; record with `gemma4-harness goldens record`)"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise GoldenError(f"{path}: unreadable ({exc})") from None
+        )
     try:
-        manifest = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise GoldenError(f"{path}: unreadable, invalid JSON at line {exc.lineno}: {exc.msg}") from None
+        manifest = read_json(path, "goldens manifest")
+    except InvalidInputError as exc:  # not a regular file, too large, too deep, NaN, invalid JSON
+        raise GoldenError(f"unreadable goldens manifest: {exc}") from None
     if not isinstance(manifest, dict):
         raise GoldenError(f"{path}: unreadable, expected a JSON object")
     version = manifest.get("schema_version")
@@ -145,6 +143,8 @@ def read_case_files(goldens_dir: Path, case_name: str, entry: Any) -> dict[str, 
     out: dict[str, bytes] = {}
     for rel, expected in files.items():
         path = safe_relative(goldens_dir, rel)
+        if path.exists() and not path.is_file():
+            raise GoldenError(f"{path}: golden file of case {case_name!r} is not a regular file")
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -187,10 +187,12 @@ def load_safetensors(data: bytes, path: Path, required: list[str]) -> dict[str, 
 
 def load_json_bytes(data: bytes, path: Path) -> Any:
     """Parse JSON bytes of a golden file."""
+    from gemma4.safe_read import loads_json
+
     try:
-        return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise GoldenError(f"{path}: unreadable JSON ({exc})") from None
+        return loads_json(data, str(path))
+    except InvalidInputError as exc:
+        raise GoldenError(f"unreadable JSON: {exc}") from None
 
 
 def referenced_files(manifest: dict[str, Any]) -> set[str]:

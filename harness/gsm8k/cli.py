@@ -38,10 +38,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="model size" + env("variant"),
     )
     p.add_argument(
-        "--checkpoint",
+        "--hf-checkpoint",
+        dest="checkpoint",
         type=Path,
         default=os.environ.get(ENV["checkpoint"]),
         help="HF checkpoint dir (with tokenizer)" + env("checkpoint"),
+    )
+    # the flag's old spelling, kept as a hidden alias (one flag name per concept across commands)
+    p.add_argument(
+        "--checkpoint",
+        dest="checkpoint",
+        type=Path,
+        default=os.environ.get(ENV["checkpoint"]),
+        help=argparse.SUPPRESS,
     )
     p.add_argument(
         "--dataset",
@@ -84,7 +93,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-samples-per-prompt", type=int, default=4)
     p.add_argument("--input-key", default="messages")
     p.add_argument("--label-key", default="label")
-    p.add_argument("--timeout", type=int, help="seconds for the whole run (default: per variant)")
+    p.add_argument(
+        "--deadline", dest="timeout", type=int, help="seconds for the whole run (default: per variant)"
+    )
+    p.add_argument("--timeout", dest="timeout", type=int, help=argparse.SUPPRESS)  # old spelling
     p.add_argument(
         "--stall-timeout", type=int, default=900, help="kill the run after this long without output"
     )
@@ -96,6 +108,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--parse-log", type=Path, help="gate an existing train log instead of running")
     p.add_argument("--exit-code", type=int, help="with --parse-log: the exit code the logged run had")
+    from harness.cli_paths import IN_DIR, IN_FILE, OUT_DIR, OUT_FILE, declare
+
+    p.set_defaults(
+        io_paths=declare(
+            checkpoint=IN_DIR,
+            dataset=IN_FILE,
+            eval_dataset=IN_FILE,
+            slime_dir=IN_DIR,
+            megatron_dir=IN_DIR,
+            mcore_checkpoint=IN_DIR,
+            gates=IN_FILE,
+            parse_log=IN_FILE,
+            workdir=OUT_DIR,
+            json=OUT_FILE,
+        )
+    )
 
 
 def options_from_args(args: argparse.Namespace):
@@ -110,7 +138,7 @@ def options_from_args(args: argparse.Namespace):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise InvalidInputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.timeout is not None and args.timeout < 1:
-        raise InvalidInputError(f"--timeout must be >= 1, got {args.timeout}")
+        raise InvalidInputError(f"--deadline must be >= 1, got {args.timeout}")
     settings = RunSettings(
         num_rollout=args.num_rollout,
         rollout_batch_size=args.rollout_batch_size,

@@ -120,7 +120,7 @@ def train_arguments(
 ) -> list[str]:
     """slime's ``train.py`` arguments (model flags from the variant's script first)."""
     v, s = plan_variant, settings
-    ckpt = str(options.checkpoint) if options.checkpoint else _placeholder("--checkpoint")
+    ckpt = str(options.checkpoint) if options.checkpoint else _placeholder("--hf-checkpoint")
     data = str(options.dataset) if options.dataset else _placeholder("--dataset")
     args = list(read_model_args(script_path(v.name)))
     args += ["--hf-checkpoint", ckpt, "--ref-load", ref_load, "--load", ref_load]
@@ -188,7 +188,7 @@ def build_plan(options: Options) -> Plan:
     options = Options(**{**vars(options), "slime_dir": slime_dir})
     unset = [
         flag
-        for flag, value in (("--checkpoint", options.checkpoint), ("--dataset", options.dataset))
+        for flag, value in (("--hf-checkpoint", options.checkpoint), ("--dataset", options.dataset))
         if value is None
     ]
     if slime_dir is None:
@@ -204,7 +204,7 @@ def build_plan(options: Options) -> Plan:
                     "-m",
                     "harness.gsm8k.prepare",
                     "--hf",
-                    str(options.checkpoint) if options.checkpoint else _placeholder("--checkpoint"),
+                    str(options.checkpoint) if options.checkpoint else _placeholder("--hf-checkpoint"),
                     "--out",
                     str(ref_load),
                 ],  # fmt: skip

@@ -130,7 +130,7 @@ def _flag(tokens: list[str], flag: str) -> str | None:
 def check_checkpoint(path: Path | None, variant: str) -> list[Problem]:
     """An HF Gemma 4 checkpoint whose sizes match the variant's model flags."""
     if path is None:
-        return [Problem("checkpoint", "not given (--checkpoint DIR or GEMMA4_HF_CHECKPOINT)")]
+        return [Problem("checkpoint", "not given (--hf-checkpoint DIR or GEMMA4_E2E_CHECKPOINT)")]
     path = Path(path)
     if not path.is_dir():
         return [Problem("checkpoint", f"{path}: directory not found")]

@@ -114,7 +114,13 @@ def per_position_error(ours: torch.Tensor, ref: torch.Tensor) -> list[float]:
 
 
 def run_row(
-    preset: str, dtype: str, layout: dict[str, Any], batch: int, seq_len: int, seed: int
+    preset: str,
+    dtype: str,
+    layout: dict[str, Any],
+    batch: int,
+    seq_len: int,
+    seed: int,
+    timeout: float | None = None,
 ) -> ParityRow:
     """One parity run. Anything it raises (a preset the model refuses, a layout that does not fit the preset,
     a crash) becomes the row's error: the report goes on and the row fails."""
@@ -125,7 +131,14 @@ def run_row(
         source = resolve_source(preset=preset)
         row.sliding_window = source.spec.sliding_window
         result = run_parity(
-            source, DTYPES[dtype], batch=batch, seq_len=seq_len, seed=seed, grads=False, **layout["kwargs"]
+            source,
+            DTYPES[dtype],
+            batch=batch,
+            seq_len=seq_len,
+            seed=seed,
+            grads=False,
+            timeout=timeout,
+            **layout["kwargs"],
         )
     except Exception as exc:
         row.error = f"{type(exc).__name__}: {exc}"
@@ -186,6 +199,7 @@ def collect(
     goldens_dir: Path | None,
     goldens_only: list[str] | None = None,
     show_progress: bool | None = None,
+    timeout: float | None = None,
 ) -> ReportData:
     """Run everything the report needs."""
     from harness.goldens.store import producer_versions
@@ -195,7 +209,7 @@ def collect(
     # A layout may apply to some presets only (e.g. expert parallelism needs experts).
     grid = [(p, d, lay) for p in presets for d in dtypes for lay in layouts if lay.get("applies", _always)(p)]
     rows = [
-        run_row(p, d, lay, batch, seq_len, seed)
+        run_row(p, d, lay, batch, seq_len, seed, timeout)
         for p, d, lay in progress(grid, "parity runs", show_progress, total=len(grid))
     ]
     equivalence = equivalence_rows(rows, layouts[0]["name"])

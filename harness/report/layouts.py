@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from gemma4.errors import InvalidInputError
-from harness.parity import RunLayout
+from harness.layout import RunLayout
 
 
 def _moe(preset: str) -> bool:

@@ -109,7 +109,7 @@ def test_dry_run_without_paths_names_what_is_unset(capsys, nothing_runs, monkeyp
     monkeypatch.setattr("harness.gsm8k.command.default_slime_dir", lambda: None)
     assert cli.main(["--variant", "tiny", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "unset        --checkpoint, --dataset, --slime-dir" in out and "<--slime-dir>/train.py" in out
+    assert "unset        --hf-checkpoint, --dataset, --slime-dir" in out and "<--slime-dir>/train.py" in out
 
 
 def test_bad_arguments_exit_2(capsys):

@@ -9,15 +9,13 @@ embedding) plus their shards, never the whole model.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from gemma4 import atomic_io
 from gemma4.conversion import mapping, sharding
 from gemma4.conversion.hf_io import HFSource, open_hf_checkpoint, write_hf_config
 from gemma4.conversion.mcore_io import (
@@ -51,22 +49,11 @@ def check_output_dir(out: Path) -> Path:
 
 @contextmanager
 def atomic_output_dir(out: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside ``out``; rename it to ``out`` on success, delete it on failure."""
+    """Yield a temporary directory beside ``out``; rename it to ``out`` on success, delete it on failure
+    or interruption (SIGINT and SIGTERM; :func:`gemma4.atomic_io.atomic_output_dir`)."""
     out = check_output_dir(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as exc:
-        raise InvalidInputError(f"--out {out}: cannot create the output directory ({exc})") from exc
-    try:
+    with atomic_io.atomic_output_dir(out, "--out") as tmp:
         yield tmp
-        try:
-            os.replace(tmp, out)
-        except OSError as exc:
-            raise InvalidInputError(f"--out {out}: cannot move the result into place ({exc})") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _versions() -> dict[str, str]:
@@ -234,7 +221,7 @@ def roundtrip(
     sharding.check_ep(src.spec, ep)
     if workdir is not None:
         Path(workdir).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="gemma4-roundtrip-", dir=workdir) as scratch:
+    with atomic_io.temp_dir("gemma4-roundtrip-", workdir) as scratch:
         mc, back = Path(scratch) / "mcore", Path(scratch) / "hf"
         to_mcore = hf_to_mcore_dir(hf_dir, mc, tp=tp, ep=ep, fmt=fmt)
         to_hf = mcore_to_hf_dir(mc, back)

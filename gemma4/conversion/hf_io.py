@@ -13,7 +13,6 @@ on a K=V layer, and the dead ``k_proj``/``v_proj``/``k_norm`` of KV-shared layer
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import torch
 
-from gemma4.config import Gemma4TextSpec, hf_text_config_from_any, text_spec_from_hf
+from gemma4.config import Gemma4TextSpec, hf_text_config_from_dict, text_spec_from_hf
 from gemma4.conversion import mapping
 from gemma4.conversion.mapping import HF_CAUSAL_LM_PREFIX, HF_CONDITIONAL_GENERATION_PREFIX
 from gemma4.conversion.safetensors_io import (
@@ -33,6 +32,7 @@ from gemma4.conversion.safetensors_io import (
     same_bytes,
 )
 from gemma4.errors import ConfigError, InvalidInputError
+from gemma4.safe_read import read_json_object
 
 __all__ = [
     "INDEX_FILE",
@@ -130,16 +130,10 @@ class HFSource:
 
 
 def _load_config(directory: Path) -> tuple[dict[str, Any], Any]:
+    """``config.json`` read once, strictly (regular file, no NaN, bounded nesting), and its text config."""
     path = directory / "config.json"
-    if not path.is_file():
-        raise InvalidInputError(f"{path}: config file not found")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidInputError(f"{path}: not readable JSON ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise InvalidInputError(f"{path}: top level must be a JSON object")
-    return raw, hf_text_config_from_any(path)
+    raw = read_json_object(path, "config file")
+    return raw, hf_text_config_from_dict(raw, source=str(path))
 
 
 def _classify(store: SafetensorsDir) -> tuple[str, dict[str, TensorInfo], list[str]]:

@@ -16,7 +16,9 @@ has them, TP-local shards, experts by local index, ``_extra_state`` left out), s
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +26,18 @@ from typing import Any
 
 import torch
 
-from gemma4.config import Gemma4TextSpec, hf_text_config_from_any, text_spec_from_hf
+from gemma4.config import Gemma4TextSpec, hf_text_config_from_dict, text_spec_from_hf
 from gemma4.conversion import mapping, sharding
-from gemma4.conversion.safetensors_io import Entry, SafetensorsDir, TensorInfo, read_tensor, same_bytes
-from gemma4.errors import InvalidInputError
+from gemma4.conversion.safetensors_io import (
+    Entry,
+    SafetensorsDir,
+    TensorInfo,
+    read_checkpoint_json,
+    read_tensor,
+    same_bytes,
+)
+from gemma4.errors import ConfigError, InvalidInputError
+from gemma4.safe_read import read_json_object
 
 MANIFEST = "gemma4_mcore.json"
 FORMAT = "gemma4-mcore-safetensors"
@@ -216,26 +226,80 @@ class TorchDistSource(MCoreSource):
         return self._stacked[1][row]
 
 
+def _spec(hf_config: Any, source: str) -> Gemma4TextSpec:
+    try:
+        return text_spec_from_hf(hf_config)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _manifest_hf_config(manifest: dict[str, Any], path: Path) -> Any:
+    cfg = manifest.get("hf_config")
+    if not isinstance(cfg, dict):
+        raise InvalidInputError(f"{path}: field 'hf_config' is missing or not an object")
+    return hf_text_config_from_dict(cfg, source=f"{path}: field 'hf_config'")
+
+
+def read_hf_config_flag(hf_config_path: Path) -> Any:
+    """The text config of ``--hf-config`` (a ``config.json`` or its directory), read strictly."""
+    p = Path(hf_config_path)
+    if p.is_dir():
+        p = p / "config.json"
+    raw = read_json_object(p, "--hf-config file")
+    return hf_text_config_from_dict(raw, source=f"--hf-config {p}")
+
+
+def spec_differences(a: Gemma4TextSpec, b: Gemma4TextSpec) -> list[str]:
+    """The fields of two normalised text configs that differ: ``name (a vs b)`` each."""
+    out = []
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if x != y:
+            out.append(f"{f.name} ({x!r:.80} vs {y!r:.80})")
+    return out
+
+
+def check_hf_config_flag(hf_config_path: Path | None, spec: Gemma4TextSpec, manifest_path: Path) -> list[str]:
+    """``--hf-config`` given with a checkpoint whose manifest embeds the config: they must describe the same
+    model (every field of the normalised text config: the weights' geometry and what the exported
+    ``config.json`` carries), else :class:`InvalidInputError` naming the fields; if they agree, a note.
+    Never silently ignored."""
+    if hf_config_path is None:
+        return []
+    flag_spec = _spec(read_hf_config_flag(hf_config_path), f"--hf-config {hf_config_path}")
+    diffs = spec_differences(flag_spec, spec)
+    if diffs:
+        raise InvalidInputError(
+            f"--hf-config {hf_config_path} disagrees with the config in the manifest {manifest_path} (the one "
+            f"the weights were converted with) on {len(diffs)} field(s): {'; '.join(diffs)} (--hf-config vs "
+            "manifest); drop --hf-config or fix it"
+        )
+    return [
+        f"--hf-config {hf_config_path} agrees with the manifest's config ({manifest_path}); the manifest's "
+        "config is exported"
+    ]
+
+
 def _open_torch_dist(directory: Path, hf_config_path: Path | None) -> TorchDistSource:
     from gemma4.conversion.torch_dist import TorchDistReader, torch_dist_key
 
     path = directory / MANIFEST
-    if hf_config_path is not None:
-        hf_config = hf_text_config_from_any(Path(hf_config_path))
-        where = str(hf_config_path)
-    elif path.is_file():
-        try:
-            manifest = json.loads(path.read_text())
-            cfg = manifest["hf_config"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise InvalidInputError(f"{path}: unreadable manifest ({exc})") from exc
-        hf_config = hf_text_config_from_any(cfg)
+    flag_notes: list[str] = []
+    if os.path.lexists(path):
+        manifest = read_checkpoint_json(path, "manifest")
+        hf_config = _manifest_hf_config(manifest, path)
         where = str(path)
+        flag_notes = check_hf_config_flag(
+            hf_config_path, _spec(hf_config, f"{path}: field 'hf_config'"), path
+        )
+    elif hf_config_path is not None:
+        hf_config = read_hf_config_flag(hf_config_path)
+        where = f"--hf-config {hf_config_path}"
     else:
         raise InvalidInputError(
             f"{directory}: a torch_dist checkpoint without {MANIFEST}; pass --hf-config with the model's config.json"
         )
-    spec = text_spec_from_hf(hf_config)
+    spec = _spec(hf_config, where)
     reader = TorchDistReader.open(directory)
     expected: dict[str, tuple[int, ...]] = {}
     for e in plan(spec, torch.float32, 1, 1)[(0, 0)]:
@@ -254,13 +318,15 @@ def _open_torch_dist(directory: Path, hf_config_path: Path | None) -> TorchDistS
             raise InvalidInputError(
                 f"{directory}: tensor {key!r} has dtype {reader.dtype(key)}, others {dtype}"
             )
-    notes = [f"torch_dist checkpoint {directory}"]
+    notes = [f"torch_dist checkpoint {directory}"] + flag_notes
     return TorchDistSource(directory, {}, hf_config, spec, dtype, 1, 1, {}, notes, reader)
 
 
 def open_mcore_checkpoint(directory: Path, hf_config_path: Path | None = None) -> MCoreSource:
     """Open and validate a checkpoint: ours (per-rank safetensors, every file against the plan) or a
-    ``torch_dist`` directory (ours, or Megatron's with ``hf_config_path``)."""
+    ``torch_dist`` directory (ours, or Megatron's with ``hf_config_path``). When the checkpoint has our
+    manifest, ``hf_config_path`` must describe the same model (refused naming the differing fields, else
+    accepted with a note); the manifest's config is the one used."""
     directory = Path(directory)
     if not directory.is_dir():
         raise InvalidInputError(f"{directory}: Megatron checkpoint directory not found")
@@ -269,15 +335,12 @@ def open_mcore_checkpoint(directory: Path, hf_config_path: Path | None = None) -
     if is_torch_dist(directory):
         return _open_torch_dist(directory, hf_config_path)
     path = directory / MANIFEST
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise InvalidInputError(
             f"{path}: manifest not found (not a checkpoint written by gemma4-harness convert)"
         )
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidInputError(f"{path}: unreadable manifest ({exc})") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    manifest = read_checkpoint_json(path, "manifest")
+    if manifest.get("format") != FORMAT:
         raise InvalidInputError(f"{path}: field 'format' must be {FORMAT!r}")
     if manifest.get("version") != VERSION:
         raise InvalidInputError(
@@ -291,11 +354,9 @@ def open_mcore_checkpoint(directory: Path, hf_config_path: Path | None = None) -
     if dtype_name not in DTYPES:
         raise InvalidInputError(f"{path}: field 'dtype' is {dtype_name!r}; expected one of {sorted(DTYPES)}")
     dtype = DTYPES[dtype_name]
-    cfg_dict = manifest.get("hf_config")
-    if not isinstance(cfg_dict, dict):
-        raise InvalidInputError(f"{path}: field 'hf_config' is missing or not an object")
-    hf_config = hf_text_config_from_any(cfg_dict)
+    hf_config = _manifest_hf_config(manifest, path)
     spec = text_spec_from_hf(hf_config)
+    flag_notes = check_hf_config_flag(hf_config_path, spec, path)
     try:
         sharding.check_tp(spec, tp)
         sharding.check_ep(spec, ep)
@@ -325,7 +386,7 @@ def open_mcore_checkpoint(directory: Path, hf_config_path: Path | None = None) -
                     f"manifest says {dtype_name}"
                 )
         stores[rank] = store
-    notes = [f"Megatron checkpoint {directory}: tp={tp} ep={ep} dtype={dtype_name}"]
+    notes = [f"Megatron checkpoint {directory}: tp={tp} ep={ep} dtype={dtype_name}"] + flag_notes
     return MCoreSource(directory, manifest, hf_config, spec, dtype, tp, ep, stores, notes)
 
 

@@ -9,7 +9,11 @@ not charged to the process, unlike an mmap), and written with ``seek`` + ``write
 is planned in advance, so a converter holds only the tensor in hand.
 
 Directories: a single ``model.safetensors``, or shards listed by ``model.safetensors.index.json``
-(``{"metadata": {...}, "weight_map": {name: file}}``).
+(``{"metadata": {...}, "weight_map": {name: file}}``). Hostile input (:mod:`gemma4.safe_read`): every file
+read must be a regular file (a FIFO named ``model.safetensors`` is refused, not waited on; symlinks are
+followed, as HF caches link snapshots to blobs), a shard named by the index must be lexically inside the
+directory (no ``..``, no absolute path), and JSON (index, headers) is parsed strictly (no ``NaN``, bounded
+nesting).
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from gemma4.errors import InvalidInputError
+from gemma4.safe_read import loads_json, path_inside, read_json_object, require_regular_file
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -44,6 +50,20 @@ DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+def read_checkpoint_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object read strictly from a checkpoint file (:func:`gemma4.safe_read.read_json_object`);
+    errors read ``{path}: unreadable {what} (why)``."""
+    try:
+        return read_json_object(path, what)
+    except InvalidInputError as exc:
+        msg, prefix = str(exc), f"{path}: "
+        raise InvalidInputError(f"{path}: unreadable {what} ({msg.removeprefix(prefix)})") from None
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -75,7 +95,7 @@ class TensorInfo:
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate the header of one safetensors file. Errors name the file (and the tensor)."""
-    path = Path(path)
+    path = require_regular_file(path, "safetensors file")
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -91,9 +111,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     except OSError as exc:
         raise InvalidInputError(f"{path}: cannot read safetensors file ({exc})") from exc
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidInputError(f"{path}: corrupted safetensors header (not JSON: {exc})") from exc
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"{path}: corrupted safetensors header (not UTF-8: {exc})") from None
+    header = loads_json(text, f"{path}: corrupted safetensors header")
     if not isinstance(header, dict):
         raise InvalidInputError(f"{path}: corrupted safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
@@ -104,9 +125,11 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     for name, entry in header.items():
         try:
             dtype = DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-            if any(s < 0 for s in shape) or len(entry["data_offsets"]) != 2:
+            if not isinstance(entry["shape"], list) or not isinstance(entry["data_offsets"], list):
+                raise TypeError
+            shape = tuple(entry["shape"])
+            begin, end = entry["data_offsets"]
+            if not all(_is_int(x) for x in (*shape, begin, end)) or any(s < 0 for s in shape):
                 raise ValueError
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidInputError(
@@ -200,35 +223,35 @@ class SafetensorsDir:
 
     def _files(self) -> list[Path]:
         index = self.directory / INDEX_FILE
-        if index.exists():
+        if os.path.lexists(index):
             self.index_path = index
-            try:
-                data = json.loads(index.read_text())
-                weight_map = data["weight_map"]
-                if not isinstance(weight_map, dict) or not all(
-                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
-                ):
-                    raise TypeError("'weight_map' must map tensor names to file names")
-                files = sorted(set(weight_map.values()))
-            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise InvalidInputError(f"{index}: unreadable safetensors index ({exc})") from exc
+            data = read_checkpoint_json(index, "safetensors index")
+            weight_map = data.get("weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+            ):
+                raise InvalidInputError(
+                    f"{index}: unreadable safetensors index ('weight_map' must map tensor names to file names)"
+                )
             self._weight_map = weight_map
-            paths = []
-            for name in files:
-                p = self.directory / name
-                if Path(name).name != name or not p.is_file():
+            self._shard_paths: dict[str, Path] = {}
+            paths: dict[Path, None] = {}
+            for name in sorted(set(weight_map.values())):
+                p = path_inside(self.directory, name, f"{index}: weight_map")
+                if not os.path.lexists(p):
                     raise InvalidInputError(f"{index}: names shard {name!r}, which does not exist")
-                paths.append(p)
-            return paths
+                self._shard_paths[name] = require_regular_file(p, "safetensors shard")
+                paths[p] = None
+            return list(paths)
         single = self.directory / SINGLE_FILE
-        if single.is_file():
-            return [single]
+        if os.path.lexists(single):
+            return [require_regular_file(single, "safetensors file")]
         found = sorted(self.directory.glob("*.safetensors"))
         if not found:
             raise InvalidInputError(
                 f"{self.directory}: no safetensors weights ({SINGLE_FILE} or {INDEX_FILE})"
             )
-        return found
+        return [require_regular_file(p, "safetensors file") for p in found]
 
     def _check_index(self) -> None:
         for name, fname in self._weight_map.items():
@@ -237,15 +260,16 @@ class SafetensorsDir:
                 raise InvalidInputError(
                     f"{self.index_path}: lists tensor {name!r} in {fname}, which lacks it"
                 )
-            if info.path.name != fname:
+            if info.path != self._shard_paths[fname]:
+                where = info.path.relative_to(self.directory)
                 raise InvalidInputError(
-                    f"{self.index_path}: lists tensor {name!r} in {fname}, but it is in {info.path.name}"
+                    f"{self.index_path}: lists tensor {name!r} in {fname}, but it is in {where}"
                 )
         unlisted = sorted(set(self.tensors) - set(self._weight_map))
         if unlisted:
             info = self.tensors[unlisted[0]]
             raise InvalidInputError(
-                f"{self.index_path}: does not list tensor {unlisted[0]!r} of {info.path.name}"
+                f"{self.index_path}: does not list tensor {unlisted[0]!r} of {info.path.relative_to(self.directory)}"
             )
 
     def read(self, name: str) -> torch.Tensor:

@@ -42,7 +42,6 @@ have arrived (memory: one layer's experts of one kind).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -50,8 +49,9 @@ from typing import Any
 
 import torch
 
-from gemma4.config import Gemma4TextSpec, hf_text_config_from_any, text_spec_from_hf
+from gemma4.config import Gemma4TextSpec, hf_text_config_from_any, hf_text_config_from_dict, text_spec_from_hf
 from gemma4.conversion import mapping
+from gemma4.conversion.safetensors_io import read_checkpoint_json
 from gemma4.errors import InvalidInputError
 
 MODEL_NAMES = (
@@ -86,12 +86,9 @@ def _from_config_source(obj: Any) -> tuple[Gemma4TextSpec, str]:
     if isinstance(obj, (str, Path)):
         path = Path(obj)
         path = path / "config.json" if path.is_dir() else path
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidInputError(f"{path}: unreadable config.json ({exc})") from exc
-        cg = isinstance(raw, dict) and _is_conditional_generation(raw)
-        return text_spec_from_hf(hf_text_config_from_any(path)), _prefix(cg)
+        raw = read_checkpoint_json(path, "config.json")
+        hf_config = hf_text_config_from_dict(raw, source=str(path))
+        return text_spec_from_hf(hf_config), _prefix(_is_conditional_generation(raw))
     if isinstance(obj, dict):
         return text_spec_from_hf(hf_text_config_from_any(obj)), _prefix(_is_conditional_generation(obj))
     cg = isinstance(obj, Gemma4Config)

@@ -14,8 +14,13 @@ that model (:func:`save_torch_dist`), so every key is Megatron's own; global ten
 ``.metadata`` file is a pickle; it is read with an allow-list unpickler that admits only the plain data
 classes of ``torch.distributed.checkpoint`` (the same safety rule as ``torch.load(weights_only=True)``), and
 every tensor item is read with ``torch.load(weights_only=True)`` from its byte range, one tensor at a time.
-``common.pt`` (pickled training args) is never read: the model config comes from our manifest or
-``--hf-config``.
+Before any data is read, every storage entry of the metadata is checked: its ``relative_path`` is lexically
+inside the checkpoint (no ``..``, not absolute: DCP's own ``FileSystemReader.read_data`` joins it to the
+checkpoint directory as given, so an absolute path or ``..`` would be followed), names a regular file
+(symlinks followed), and its byte range lies inside that file. ``common.pt`` (pickled training args) is never
+read: the model config comes from our manifest or ``--hf-config``. :func:`load_torch_dist_into_model` runs
+the same checks before handing the directory to Megatron (whose DCP reader unpickles ``.metadata`` without
+an allow-list).
 
 **Cost.** ``dist_checkpointing.save`` needs the whole model in memory (one save call writes one checkpoint;
 we build the Megatron model and fill it rule by rule) and starts a ``spawn`` multiprocessing manager (about 3 s; the calling program needs an
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -37,6 +43,7 @@ import torch
 
 from gemma4.conversion import mapping
 from gemma4.errors import InvalidInputError
+from gemma4.safe_read import path_inside, read_json_object, require_regular_file
 
 METADATA = ".metadata"
 MEGATRON_METADATA = "metadata.json"
@@ -89,7 +96,7 @@ class _AllowListUnpickler(pickle.Unpickler):
 
 def is_torch_dist(directory: Path) -> bool:
     """True if ``directory`` holds a ``torch_dist`` checkpoint (``.metadata`` + Megatron's ``metadata.json``)."""
-    return (Path(directory) / METADATA).is_file()
+    return os.path.lexists(Path(directory) / METADATA)
 
 
 def save_torch_dist(src: Any, directory: Path) -> None:
@@ -152,8 +159,22 @@ def load_torch_dist_into_model(model: torch.nn.Module, directory: Path) -> None:
         raise InvalidInputError(
             "build the model with hetereogenous_dist_checkpoint=True to load a Gemma 4 torch_dist checkpoint"
         )
+    check_torch_dist_files(directory)
     state = dist_checkpointing.load(model.sharded_state_dict(), str(directory))
     model.load_state_dict(state, strict=True)
+
+
+def check_torch_dist_files(directory: Path) -> None:
+    """Everything Megatron's ``dist_checkpointing.load`` reads, checked before it runs: ``.metadata``
+    unpickles through the allow-list and every ``relative_path`` in it stays inside ``directory`` and names
+    a regular file holding its byte range; ``metadata.json`` is strict JSON; ``common.pt`` is a regular
+    file."""
+    directory = Path(directory)
+    TorchDistReader.open(directory)
+    if os.path.lexists(directory / MEGATRON_METADATA):
+        read_json_object(directory / MEGATRON_METADATA, "Megatron dist_checkpointing metadata")
+    if os.path.lexists(directory / "common.pt"):
+        require_regular_file(directory / "common.pt", "Megatron common state")
 
 
 # ---- reading without Megatron ---------------------------------------------------------------------------
@@ -186,6 +207,31 @@ class _FileSlice(io.RawIOBase):
         return got
 
 
+def _check_storage(directory: Path, metadata_path: Path, storage: dict[Any, Any]) -> None:
+    """Every storage entry: ``relative_path`` lexically inside ``directory`` and a regular file (symlinks
+    followed), ``[offset, offset + length)`` inside it. Errors name ``.metadata``, the
+    tensor and the file."""
+    sizes: dict[str, int] = {}
+    for index, info in storage.items():
+        key = getattr(index, "fqn", index)
+        rel = getattr(info, "relative_path", None)
+        where = f"{metadata_path}: relative_path of tensor {key!r}"
+        path = path_inside(directory, rel, where)
+        if rel not in sizes:
+            sizes[rel] = require_regular_file(path, f"storage of tensor {key!r}").stat().st_size
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (offset, length)):
+            raise InvalidInputError(
+                f"{metadata_path}: storage of tensor {key!r} has offset {offset!r}, length {length!r}; "
+                "expected non-negative integers"
+            )
+        if offset + length > sizes[rel]:
+            raise InvalidInputError(
+                f"{metadata_path}: storage of tensor {key!r} at bytes [{offset}, {offset + length}) of "
+                f"{rel!r} lies beyond the end of that file ({sizes[rel]} bytes)"
+            )
+
+
 @dataclass
 class TorchDistReader:
     """Global tensors of a ``torch_dist`` checkpoint by key, assembled from their chunks on demand."""
@@ -196,19 +242,37 @@ class TorchDistReader:
 
     @classmethod
     def open(cls, directory: Path) -> TorchDistReader:
+        """Unpickle ``.metadata`` (allow-list) and check every storage entry before any data is read."""
         directory = Path(directory)
-        path = directory / METADATA
+        path = require_regular_file(directory / METADATA, "torch_dist metadata")
         try:
             with open(path, "rb") as f:
                 meta = _AllowListUnpickler(f).load()
-        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as exc:
-            raise InvalidInputError(f"{path}: unreadable torch_dist metadata ({exc})") from exc
+        except (
+            OSError,
+            pickle.UnpicklingError,
+            EOFError,
+            AttributeError,
+            ValueError,
+            TypeError,
+            IndexError,
+            KeyError,
+            RecursionError,
+            MemoryError,
+        ) as exc:
+            raise InvalidInputError(f"{path}: unreadable torch_dist metadata ({exc})") from None
         from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-        if not isinstance(meta, Metadata):
+        if (
+            not isinstance(meta, Metadata)
+            or not isinstance(meta.state_dict_metadata, dict)
+            or not isinstance(meta.storage_data or {}, dict)
+        ):
             raise InvalidInputError(f"{path}: not torch.distributed.checkpoint metadata")
         tensors = {k: v for k, v in meta.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
-        return cls(directory, tensors, dict(meta.storage_data or {}))
+        storage = dict(meta.storage_data or {})
+        _check_storage(directory, path, storage)
+        return cls(directory, tensors, storage)
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.tensors[key].size)
@@ -227,6 +291,16 @@ class TorchDistReader:
             if info is None or getattr(info, "transform_descriptors", None):
                 raise InvalidInputError(
                     f"{self.directory}: chunk {list(chunk.offsets)} of {key!r} is not readable"
+                )
+            offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
+            if (
+                len(offsets) != len(md.size)
+                or len(sizes) != len(md.size)
+                or any(o < 0 or n < 0 or o + n > d for o, n, d in zip(offsets, sizes, md.size))
+            ):
+                raise InvalidInputError(
+                    f"{self.directory / METADATA}: chunk at {list(offsets)} of size {list(sizes)} does not fit "
+                    f"tensor {key!r} of shape {list(md.size)}"
                 )
             path = self.directory / info.relative_path
             try:

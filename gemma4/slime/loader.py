@@ -32,8 +32,9 @@ from typing import Any
 
 import torch
 
-from gemma4.config import Gemma4TextSpec, text_spec_from_any
+from gemma4.config import Gemma4TextSpec, hf_text_config_from_dict, text_spec_from_any, text_spec_from_hf
 from gemma4.conversion import mapping
+from gemma4.conversion.safetensors_io import read_checkpoint_json
 from gemma4.conversion.streaming import MODEL_NAMES, strip_module_prefixes
 from gemma4.errors import InvalidInputError
 
@@ -69,16 +70,14 @@ def _names(reader: Any) -> list[str] | None:
     return None
 
 
+def _config_path(config: str | Path) -> Path:
+    path = Path(config)
+    return path / "config.json" if path.is_dir() else path
+
+
 def _config_prefix(config: Any) -> str:
     raw: Any = None
-    if isinstance(config, (str, Path)):
-        path = Path(config)
-        path = path / "config.json" if path.is_dir() else path
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidInputError(f"{path}: unreadable config.json ({exc})") from exc
-    elif isinstance(config, Mapping):
+    if isinstance(config, Mapping):
         raw = config
     else:
         from transformers import Gemma4Config
@@ -94,8 +93,14 @@ def _config_prefix(config: Any) -> str:
 
 
 def resolve(config: Any, reader: Any) -> tuple[Gemma4TextSpec, str]:
-    """The spec and the checkpoint prefix for ``config`` and ``reader`` (see the module docstring)."""
-    spec = config if isinstance(config, Gemma4TextSpec) else text_spec_from_any(config)
+    """The spec and the checkpoint prefix for ``config`` and ``reader`` (see the module docstring). A
+    ``config.json`` path is read once, strictly (:mod:`gemma4.safe_read`)."""
+    if isinstance(config, (str, Path)):
+        path = _config_path(config)
+        config = read_checkpoint_json(path, "config.json")
+        spec = text_spec_from_hf(hf_text_config_from_dict(config, source=str(path)))
+    else:
+        spec = config if isinstance(config, Gemma4TextSpec) else text_spec_from_any(config)
     names = _names(reader)
     if names is not None:
         from gemma4.conversion.hf_io import detect_prefix

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,8 @@ from harness.cli import main
 from harness.presets import PRESETS, preset_config_dict
 from harness.strategies import dense_configs, moe_configs
 
+#: The CLI's one-line refusal: ``gemma4-harness convert[ <direction>]: error: ...``.
+ONE_LINE_ERROR = re.compile(r"gemma4-harness convert( [a-z-]+)?: error: ")
 REPO = Path(__file__).resolve().parents[3]
 
 
@@ -362,7 +365,7 @@ def _assert_refused(rc: int, err: str, needles: list[str], out: Path, one_line: 
     assert rc == 2, err
     assert "Traceback" not in err
     if one_line:
-        assert err.count("\n") == 1 and err.startswith("gemma4-harness convert: error: "), err
+        assert err.count("\n") == 1 and ONE_LINE_ERROR.match(err), err
     for n in needles:
         assert n in err, (n, err)
     assert not out.exists() or not any(out.iterdir()), "partial output left behind"

@@ -1,12 +1,18 @@
-"""Shared pytest setup: hypothesis profiles, quiet megatron imports, one thread per worker."""
+"""Shared pytest setup: hypothesis profiles, quiet megatron imports, one thread per worker, and the gate for
+reference data that is not ours (``require_reference``)."""
 
 from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
+from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+from gemma4.chat.templates import REQUIRE_SHARED_ENV, ReferenceDataUnavailable, reference_path
 
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*")
 
@@ -27,3 +33,24 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 torch.set_num_threads(1)
+
+
+def require_reference_data(relative: str) -> Path:
+    """Path of ``shared/reference/<relative>`` for a test that needs reference data that is not ours.
+
+    When it is missing the test is skipped with a reason that says how to provide it (``GEMMA4_SHARED_DIR``);
+    with ``GEMMA4_REQUIRE_SHARED=1`` (CI, ``.ci/run``) it fails with the same message instead, so that
+    missing data can never pass as a skip.
+    """
+    try:
+        return reference_path(relative)
+    except ReferenceDataUnavailable as exc:
+        if os.environ.get(REQUIRE_SHARED_ENV, "").strip() not in ("", "0"):
+            pytest.fail(f"{exc} [{REQUIRE_SHARED_ENV}=1: reference data is required here]", pytrace=False)
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def require_reference() -> Callable[[str], Path]:
+    """:func:`require_reference_data` as a fixture: ``require_reference("gemma4/chat_template.jinja")``."""
+    return require_reference_data

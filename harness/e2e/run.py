@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 
 import torch
 
+from gemma4.atomic_io import temp_dir
 from gemma4.errors import InvalidInputError
 from harness.e2e import gates
 from harness.e2e.batch import grpo_advantages, make_sample, pack
@@ -61,7 +61,7 @@ class E2EConfig:
     clip_eps: float = 0.2
     grad_clip: float = 1.0
     bucket_bytes: int = 256 * 1024
-    timeout: float = 300.0
+    timeout: float | None = None  # rank deadline; None: $GEMMA4_RANK_DEADLINE_S or the runner default
 
     @property
     def rows(self) -> int:
@@ -121,15 +121,16 @@ def validate(cfg: E2EConfig, spec: Any) -> bool:
 
 def prepare(cfg: E2EConfig, workdir: Path) -> _Setup:
     """Tokenizer + config "checkpoint" in ``workdir``, initial weights, prompts."""
-    from gemma4.chat.templates import load_reference_template
     from gemma4.chat.testing import build_test_tokenizer
     from gemma4.chat.tokenizer import load_tokenizer
     from gemma4.config import hf_text_config_from_any, text_spec_from_hf
     from gemma4.conversion.mapping import hf_to_mcore
+    from harness.assets import load_gemma4_chat_template
     from harness.presets import preset_config_dict
     from harness.reference import build_reference_model, hf_text_state_dict
 
-    template = load_reference_template("standard")
+    # The project's own Gemma 4-format template (package data): e2e-mini needs no reference data.
+    template = load_gemma4_chat_template()
     checkpoint = build_test_tokenizer(workdir / "checkpoint", chat_template=template)
     tokenizer = load_tokenizer(checkpoint)
     config = preset_config_dict(cfg.preset)
@@ -335,7 +336,7 @@ def run_e2e(cfg: E2EConfig) -> dict[str, Any]:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer is used again after fork
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="gemma4-e2e-") as tmp:
+    with temp_dir("gemma4-e2e-") as tmp:
         setup = prepare(cfg, Path(tmp))
         world = cfg.tp * cfg.ep
         if world == 1:

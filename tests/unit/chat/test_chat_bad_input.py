@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -95,10 +95,10 @@ BAD_MESSAGES = [
 
 @pytest.mark.parametrize(("messages", "pattern"), BAD_MESSAGES)
 def test_bad_messages_are_rejected_naming_the_field(
-    tokenizer: Any, templates: dict[str, str], messages: Any, pattern: str
+    tokenizer: Any, templates: Mapping[str, str], messages: Any, pattern: str
 ) -> None:
     with pytest.raises(InvalidInputError, match=pattern):
-        build_chat_mask(tokenizer, messages, chat_template=templates["standard"], source="conv.json")
+        build_chat_mask(tokenizer, messages, chat_template=templates["own"], source="conv.json")
 
 
 @pytest.mark.parametrize(
@@ -115,9 +115,11 @@ def test_bad_messages_are_rejected_naming_the_field(
         ),
     ],
 )
-def test_bad_tools_are_rejected(tokenizer: Any, templates: dict[str, str], tools: Any, pattern: str) -> None:
+def test_bad_tools_are_rejected(
+    tokenizer: Any, templates: Mapping[str, str], tools: Any, pattern: str
+) -> None:
     with pytest.raises(InvalidInputError, match=pattern):
-        build_chat_mask(tokenizer, HELLO, tools, chat_template=templates["standard"])
+        build_chat_mask(tokenizer, HELLO, tools, chat_template=templates["own"])
 
 
 def test_template_without_gemma4_markers_is_rejected(tokenizer: Any) -> None:
@@ -142,44 +144,44 @@ def test_tokenizer_without_a_chat_template_needs_one(tokenizer: Any) -> None:
     ],
 )
 def test_tokenizer_without_the_gemma4_special_tokens_is_rejected(
-    tmp_path: Path, templates: dict[str, str], omit: tuple[str, ...], pattern: str
+    tmp_path: Path, templates: Mapping[str, str], omit: tuple[str, ...], pattern: str
 ) -> None:
     tok = load_tokenizer(build_test_tokenizer(tmp_path, omit=omit))
     with pytest.raises(InvalidInputError, match=pattern):
-        build_chat_mask(tok, HELLO, chat_template=templates["standard"])
+        build_chat_mask(tok, HELLO, chat_template=templates["own"])
 
 
 def test_other_control_strings_that_are_not_one_token_are_reported(
-    tmp_path: Path, templates: dict[str, str]
+    tmp_path: Path, templates: Mapping[str, str]
 ) -> None:
     """Only <bos> and the turn markers are essential; another control string that is not one token still
     gets a correct mask, so it is reported (error on request) rather than refused."""
     tok = load_tokenizer(build_test_tokenizer(tmp_path, omit=(T.TOOL_CALL_OPEN,)))
-    assert build_chat_mask(tok, HELLO, chat_template=templates["standard"]).issues == ()  # not rendered: fine
+    assert build_chat_mask(tok, HELLO, chat_template=templates["own"]).issues == ()  # not rendered: fine
     messages = [
         {"role": "user", "content": "w?"},
         {"role": "assistant", "tool_calls": [CALL], "content": "ok"},
     ]
     pattern = r"'<\|tool_call>' \(written by the chat template at character \d+\) is not a single token"
     with pytest.warns(RenderMismatchWarning, match=pattern):
-        result = build_chat_mask(tok, messages, chat_template=templates["standard"])
+        result = build_chat_mask(tok, messages, chat_template=templates["own"])
     assert result.trained_text() == ['<|tool_call>call:get_weather{city:<|"|>X<|"|>}<tool_call|>ok<turn|>']
     with pytest.raises(RenderMismatchError, match=pattern):
-        build_chat_mask(tok, messages, chat_template=templates["standard"], on_mismatch="error")
+        build_chat_mask(tok, messages, chat_template=templates["own"], on_mismatch="error")
 
 
-def test_unknown_mismatch_policy(tokenizer: Any, templates: dict[str, str]) -> None:
+def test_unknown_mismatch_policy(tokenizer: Any, templates: Mapping[str, str]) -> None:
     with pytest.raises(InvalidInputError, match="on_mismatch: 'loud'"):
-        build_chat_mask(tokenizer, HELLO, chat_template=templates["standard"], on_mismatch="loud")
+        build_chat_mask(tokenizer, HELLO, chat_template=templates["own"], on_mismatch="loud")
 
 
 # --- CLI: exit code 2 and a message naming the file -------------------------------------------------------
 
 
 @pytest.fixture
-def template_file(tmp_path: Path, templates: dict[str, str]) -> Path:
+def template_file(tmp_path: Path, templates: Mapping[str, str]) -> Path:
     path = tmp_path / "standard.jinja"
-    path.write_text(templates["standard"], encoding="utf-8")
+    path.write_text(templates["own"], encoding="utf-8")
     return path
 
 
@@ -219,7 +221,7 @@ def write(path: Path, data: Any) -> Path:
             {"messages": [{"role": "user"}]}, r": messages\[0\]: missing 'content'", id="object-form"
         ),
         pytest.param({"conversation": []}, r"an object with 'messages'", id="object-without-messages"),
-        pytest.param('[{"role": "user",', r"invalid JSON in messages file \(line 1", id="json"),
+        pytest.param('[{"role": "user",', r"conv.json: invalid JSON \(line 1", id="json"),
     ],
 )
 def test_cli_bad_messages_exit_2_naming_the_file(
@@ -245,10 +247,12 @@ def test_cli_tokenizer_problems_exit_2_naming_the_directory(
 ) -> None:
     msgs = write(tmp_path / "conv.json", HELLO)
     plain = build_test_tokenizer(tmp_path / "plain-tokenizer", omit=(T.TURN_OPEN, T.TURN_CLOSE))
+    empty = tmp_path / "empty"  # not tmp_path itself: the output may not lie inside an input directory
+    empty.mkdir()
     for directory, pattern in [
         (plain, "are not a single token; the tokenizer must register the Gemma 4 special tokens"),
         (tmp_path / "nowhere", "tokenizer directory not found"),
-        (tmp_path, "no tokenizer.json"),
+        (empty, "no tokenizer.json"),
     ]:
         code, err = run_cli(directory, msgs, template_file, tmp_path / "o.json")
         assert code == 2 and str(directory) in err and pattern in err, err

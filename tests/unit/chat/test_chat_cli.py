@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +20,18 @@ CASE = {case.name: case for case in CASES}
 
 
 @pytest.fixture
-def files(tmp_path: Path, templates: dict[str, str]) -> dict[str, Path]:
+def files(tmp_path: Path, templates: Mapping[str, str]) -> dict[str, Path]:
+    """The case's messages and tools, and the project's own template, as files."""
     case = CASE["tool_responses_native"]
     paths = {
         "messages": tmp_path / "messages.json",
         "tools": tmp_path / "tools.json",
-        "standard": tmp_path / "standard.jinja",
-        "interleaved": tmp_path / "interleaved.jinja",
+        "own": tmp_path / "own.jinja",
         "out": tmp_path / "out" / "mask.json",
     }
     paths["messages"].write_text(json.dumps(case.messages), encoding="utf-8")
     paths["tools"].write_text(json.dumps(case.tools), encoding="utf-8")
-    paths["standard"].write_text(templates["standard"], encoding="utf-8")
-    paths["interleaved"].write_text(templates["interleaved_31b"], encoding="utf-8")
+    paths["own"].write_text(templates["own"], encoding="utf-8")
     return paths
 
 
@@ -56,21 +55,21 @@ def mask_argv(tokenizer_dir: Path, messages: Path, out: Path, *extra: Any) -> li
     ]
 
 
-@pytest.mark.parametrize(
-    ("template_key", "template_name"), [("standard", "standard"), ("interleaved", "interleaved_31b")]
-)
+@pytest.mark.parametrize("template_name", ["own", "standard", "interleaved_31b"])
 @pytest.mark.parametrize("thinking", [False, True])
 def test_cli_writes_exactly_the_library_result(
     cli_main: Main,
+    tmp_path: Path,
     tokenizer_dir: Path,
     tokenizer: Any,
-    templates: dict[str, str],
+    templates: Mapping[str, str],
     files: dict[str, Path],
-    template_key: str,
     template_name: str,
     thinking: bool,
 ) -> None:
-    extra = ["--tools", files["tools"], "--chat-template", files[template_key]]
+    template_file = tmp_path / f"{template_name}.jinja"
+    template_file.write_text(templates[template_name], encoding="utf-8")
+    extra = ["--tools", files["tools"], "--chat-template", template_file]
     argv = mask_argv(tokenizer_dir, files["messages"], files["out"], *extra)
     assert cli_main(argv + (["--enable-thinking"] if thinking else [])) == 0
     case = CASE["tool_responses_native"]
@@ -94,7 +93,7 @@ def test_cli_object_form_and_the_tokenizers_own_template(
     combined.write_text(json.dumps({"messages": case.messages, "tools": case.tools}), encoding="utf-8")
     own, explicit = tmp_path / "own.json", tmp_path / "explicit.json"
     assert cli_main(mask_argv(tokenizer_dir_with_template, combined, own)) == 0
-    extra = ["--tools", files["tools"], "--chat-template", files["standard"]]
+    extra = ["--tools", files["tools"], "--chat-template", files["own"]]
     assert cli_main(mask_argv(tokenizer_dir, files["messages"], explicit, *extra)) == 0
     assert read(own) == read(explicit)
     assert 1 in read(own)["loss_mask"]
@@ -103,13 +102,13 @@ def test_cli_object_form_and_the_tokenizers_own_template(
 def test_cli_replaces_an_existing_output(cli_main: Main, tokenizer_dir: Path, files: dict[str, Path]) -> None:
     files["out"].parent.mkdir(parents=True)
     files["out"].write_text("stale", encoding="utf-8")
-    argv = mask_argv(tokenizer_dir, files["messages"], files["out"], "--chat-template", files["standard"])
+    argv = mask_argv(tokenizer_dir, files["messages"], files["out"], "--chat-template", files["own"])
     assert cli_main(argv) == 0
     assert set(read(files["out"])) == {"input_ids", "loss_mask"}
 
 
 def test_cli_as_a_subprocess(
-    tokenizer_dir: Path, tokenizer: Any, templates: dict[str, str], files: dict[str, Path]
+    tokenizer_dir: Path, tokenizer: Any, templates: Mapping[str, str], files: dict[str, Path]
 ) -> None:
     argv = [
         sys.executable,
@@ -125,7 +124,7 @@ def test_cli_as_a_subprocess(
         "--tools",
         str(files["tools"]),
         "--chat-template",
-        str(files["interleaved"]),
+        str(files["own"]),
         "--json",
         str(files["out"]),
     ]
@@ -133,9 +132,7 @@ def test_cli_as_a_subprocess(
     proc = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     case = CASE["tool_responses_native"]
-    expected = build_chat_mask(
-        tokenizer, case.messages, case.tools, chat_template=templates["interleaved_31b"]
-    )
+    expected = build_chat_mask(tokenizer, case.messages, case.tools, chat_template=templates["own"])
     assert read(files["out"]) == {"input_ids": expected.input_ids, "loss_mask": expected.loss_mask}
 
     bad = files["messages"].with_name("bad.json")
@@ -147,7 +144,7 @@ def test_cli_as_a_subprocess(
 
 
 def test_cli_module_imports_only_argparse() -> None:
-    code = "import sys, gemma4.chat.cli; print(sorted(m for m in ('transformers', 'tokenizers', 'jinja2', 'torch') if m in sys.modules))"
+    code = "import sys, harness.commands.mask; print(sorted(m for m in ('transformers', 'tokenizers', 'jinja2', 'torch') if m in sys.modules))"
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -10,7 +11,8 @@ import pytest
 from gemma4.chat.corpus import CASES, WEATHER_TOOL
 from gemma4.chat.mask import ChatMask, RenderMismatchError, RenderMismatchWarning, build_chat_mask
 
-BOTH = pytest.mark.parametrize("template_name", ["standard", "interleaved_31b"])
+# The project's own template and both released ones (those skip, or fail in CI, without the reference data).
+EVERY_TEMPLATE = pytest.mark.parametrize("template_name", ["own", "standard", "interleaved_31b"])
 CASE = {case.name: case for case in CASES}
 
 
@@ -23,9 +25,9 @@ def token_flags(tokenizer: Any, result: ChatMask) -> list[tuple[str, int]]:
     return list(zip(tokenizer.convert_ids_to_tokens(result.input_ids), result.loss_mask))
 
 
-@BOTH
+@EVERY_TEMPLATE
 def test_single_turn_trains_from_after_the_header_through_turn_close(
-    tokenizer: Any, templates: dict[str, str], template_name: str
+    tokenizer: Any, templates: Mapping[str, str], template_name: str
 ) -> None:
     result = mask_of(tokenizer, templates[template_name], CASE["single_turn"].messages)
     assert result.trained_text() == ["Hi! How can I help?<turn|>"]
@@ -39,18 +41,18 @@ def test_single_turn_trains_from_after_the_header_through_turn_close(
     )
 
 
-@BOTH
+@EVERY_TEMPLATE
 def test_system_user_and_every_header_are_not_trained(
-    tokenizer: Any, templates: dict[str, str], template_name: str
+    tokenizer: Any, templates: Mapping[str, str], template_name: str
 ) -> None:
     result = mask_of(tokenizer, templates[template_name], CASE["system_multi_turn"].messages)
     assert result.trained_text() == ["4<turn|>", "6<turn|>"]
     assert result.text.startswith("<bos><|turn>system\nYou are terse.<turn|>\n<|turn>user\n2+2?<turn|>\n")
 
 
-@BOTH
+@EVERY_TEMPLATE
 def test_model_tool_calls_are_trained_and_tool_responses_are_not(
-    tokenizer: Any, templates: dict[str, str], template_name: str
+    tokenizer: Any, templates: Mapping[str, str], template_name: str
 ) -> None:
     case = CASE["tool_responses_native"]
     result = mask_of(tokenizer, templates[template_name], case.messages, case.tools)
@@ -63,9 +65,9 @@ def test_model_tool_calls_are_trained_and_tool_responses_are_not(
     assert all(flag == 0 for tok, flag in flags if tok in ("<|tool_response>", "<tool_response|>", "<|tool>"))
 
 
-@BOTH
+@EVERY_TEMPLATE
 def test_openai_style_tool_turn_is_not_trained(
-    tokenizer: Any, templates: dict[str, str], template_name: str
+    tokenizer: Any, templates: Mapping[str, str], template_name: str
 ) -> None:
     case = CASE["tools_openai_style"]
     result = mask_of(tokenizer, templates[template_name], case.messages, case.tools)
@@ -77,7 +79,7 @@ def test_openai_style_tool_turn_is_not_trained(
 
 
 def test_interleaved_template_trains_the_reasoning_it_renders(
-    tokenizer: Any, templates: dict[str, str]
+    tokenizer: Any, templates: Mapping[str, str]
 ) -> None:
     case = CASE["agentic_reasoning_after_last_user"]
     result = mask_of(tokenizer, templates["interleaved_31b"], case.messages, case.tools, enable_thinking=True)
@@ -90,9 +92,12 @@ def test_interleaved_template_trains_the_reasoning_it_renders(
     assert result.issues == ()
 
 
-def test_standard_template_drops_reasoning_and_reports_it(tokenizer: Any, templates: dict[str, str]) -> None:
+@pytest.mark.parametrize("template_name", ["own", "standard"])
+def test_standard_template_drops_reasoning_and_reports_it(
+    tokenizer: Any, templates: Mapping[str, str], template_name: str
+) -> None:
     case = CASE["agentic_reasoning_after_last_user"]
-    result = mask_of(tokenizer, templates["standard"], case.messages, case.tools, enable_thinking=True)
+    result = mask_of(tokenizer, templates[template_name], case.messages, case.tools, enable_thinking=True)
     assert not any("thought" in run for run in result.trained_text())
     assert [(i.message_index, i.field) for i in result.issues] == [
         (2, "reasoning_content"),
@@ -100,9 +105,9 @@ def test_standard_template_drops_reasoning_and_reports_it(tokenizer: Any, templa
     ]
 
 
-@BOTH
+@EVERY_TEMPLATE
 def test_reasoning_before_the_last_user_turn_is_dropped_and_reported(
-    tokenizer: Any, templates: dict[str, str], template_name: str
+    tokenizer: Any, templates: Mapping[str, str], template_name: str
 ) -> None:
     case = CASE["agentic_reasoning_before_last_user"]
     result = mask_of(tokenizer, templates[template_name], case.messages, case.tools, enable_thinking=True)
@@ -110,9 +115,9 @@ def test_reasoning_before_the_last_user_turn_is_dropped_and_reported(
     assert [(i.message_index, i.field) for i in result.issues] == [(1, "reasoning_content")]
 
 
-@BOTH
+@EVERY_TEMPLATE
 def test_stripped_thinking_is_not_trained_and_the_mismatch_is_visible(
-    tokenizer: Any, templates: dict[str, str], template_name: str
+    tokenizer: Any, templates: Mapping[str, str], template_name: str
 ) -> None:
     case = CASE["thinking_in_content_stripped"]
     template = templates[template_name]
@@ -134,9 +139,9 @@ def test_stripped_thinking_is_not_trained_and_the_mismatch_is_visible(
     assert [(i.message_index, i.field) for i in quiet.issues] == [(1, "content"), (3, "content")]
 
 
-@BOTH
+@EVERY_TEMPLATE
 def test_whitespace_and_empty_model_turns(
-    tokenizer: Any, templates: dict[str, str], template_name: str
+    tokenizer: Any, templates: Mapping[str, str], template_name: str
 ) -> None:
     result = mask_of(tokenizer, templates[template_name], CASE["empty_and_whitespace"].messages)
     # An empty answer still trains the stop token; the trimmed whitespace is reported, not trained.
@@ -145,9 +150,9 @@ def test_whitespace_and_empty_model_turns(
     assert "trims leading/trailing whitespace" in result.issues[0].detail
 
 
-@BOTH
+@EVERY_TEMPLATE
 def test_multibyte_characters_split_into_byte_tokens_keep_their_mask(
-    tokenizer: Any, templates: dict[str, str], template_name: str
+    tokenizer: Any, templates: Mapping[str, str], template_name: str
 ) -> None:
     result = mask_of(tokenizer, templates[template_name], CASE["unicode"].messages)
     assert result.trained_text() == ["bigger, Tokyo, café ☕ — 👍<turn|>"]
@@ -156,7 +161,7 @@ def test_multibyte_characters_split_into_byte_tokens_keep_their_mask(
 
 
 def test_model_message_written_without_a_header_is_still_trained(
-    tokenizer: Any, templates: dict[str, str]
+    tokenizer: Any, templates: Mapping[str, str]
 ) -> None:
     """Interleaved template: after tool responses the next tool-calling message gets no header, even when
     the previous message closed its turn, and even after a tool-role message."""
@@ -180,34 +185,39 @@ def test_model_message_written_without_a_header_is_still_trained(
 
 
 def test_a_token_merging_across_the_header_is_trained_and_reported(
-    merging_tokenizer: Any, templates: dict[str, str]
+    merging_tokenizer: Any, templates: Mapping[str, str]
 ) -> None:
     messages = CASE["single_turn"].messages
     with pytest.warns(RenderMismatchWarning, match=r"'\\nH'.*mixes trained and untrained"):
-        result = build_chat_mask(merging_tokenizer, messages, chat_template=templates["standard"])
+        result = build_chat_mask(merging_tokenizer, messages, chat_template=templates["own"])
     flags = token_flags(merging_tokenizer, result)
     assert ("\nH", 1) in flags and ("model", 0) in flags
     with pytest.raises(RenderMismatchError, match="mixes trained and untrained"):
-        build_chat_mask(merging_tokenizer, messages, chat_template=templates["standard"], on_mismatch="error")
+        build_chat_mask(merging_tokenizer, messages, chat_template=templates["own"], on_mismatch="error")
 
 
 def test_tokenizer_template_is_used_by_default(
-    tokenizer_dir_with_template: Any, templates: dict[str, str]
+    tokenizer_dir_with_template: Any, templates: Mapping[str, str]
 ) -> None:
     from gemma4.chat.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir_with_template)
     messages = CASE["system_multi_turn"].messages
     implicit = build_chat_mask(tok, messages)
-    explicit = build_chat_mask(tok, messages, chat_template=templates["standard"])
+    explicit = build_chat_mask(tok, messages, chat_template=templates["own"])
     assert (implicit.input_ids, implicit.loss_mask) == (explicit.input_ids, explicit.loss_mask)
-    other = build_chat_mask(tok, messages, chat_template=templates["interleaved_31b"], enable_thinking=True)
-    assert other.input_ids != implicit.input_ids
+    # An explicit template wins over the tokenizer's own: one that writes a longer system turn.
+    longer = templates["own"].replace(
+        "messages[0]['content'] | trim", "'Be brief. ' + messages[0]['content'] | trim"
+    )
+    assert longer != templates["own"]
+    other = build_chat_mask(tok, messages, chat_template=longer)
+    assert other.input_ids != implicit.input_ids and "Be brief. You are terse." in other.text
 
 
-@BOTH
+@EVERY_TEMPLATE
 def test_bos_is_written_once_by_the_template(
-    tokenizer: Any, templates: dict[str, str], template_name: str
+    tokenizer: Any, templates: Mapping[str, str], template_name: str
 ) -> None:
     # The test tokenizer's post-processor would prepend a second <bos> if special tokens were added.
     result = mask_of(tokenizer, templates[template_name], CASE["single_turn"].messages, tools=[WEATHER_TOOL])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -14,17 +15,16 @@ from gemma4.errors import InvalidInputError
 CASE = {case.name: case for case in CASES}
 
 
+@pytest.mark.parametrize("template_name", ["own", "interleaved_31b"])
 def test_generator_has_slimes_interface_and_matches_the_mask(
-    tokenizer: Any, templates: dict[str, str]
+    tokenizer: Any, templates: Mapping[str, str], template_name: str
 ) -> None:
     case = CASE["tools_openai_style"]
     generator = Gemma4LossMaskGenerator(
-        tokenizer, tokenizer_type="gemma4", chat_template=templates["interleaved_31b"]
+        tokenizer, tokenizer_type="gemma4", chat_template=templates[template_name]
     )
     token_ids, loss_mask = generator.get_loss_mask(case.messages, tools=case.tools)
-    expected = build_chat_mask(
-        tokenizer, case.messages, case.tools, chat_template=templates["interleaved_31b"]
-    )
+    expected = build_chat_mask(tokenizer, case.messages, case.tools, chat_template=templates[template_name])
     assert (token_ids, loss_mask) == (expected.input_ids, expected.loss_mask)
     assert generator.get_text_from_loss_mask(token_ids, loss_mask) == [
         '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>,unit:<|"|>celsius<|"|>}<tool_call|><turn|>',
@@ -36,7 +36,7 @@ def test_generator_has_slimes_interface_and_matches_the_mask(
 
 
 def test_generator_passes_enable_thinking_and_the_tokenizers_template(
-    tokenizer_dir_with_template: Any, templates: dict[str, str]
+    tokenizer_dir_with_template: Any, templates: Mapping[str, str]
 ) -> None:
     from gemma4.chat.tokenizer import load_tokenizer
 
@@ -44,8 +44,7 @@ def test_generator_passes_enable_thinking_and_the_tokenizers_template(
     messages = CASE["single_turn"].messages
     ids, _ = Gemma4LossMaskGenerator(tok, enable_thinking=True).get_loss_mask(messages)
     assert (
-        ids
-        == build_chat_mask(tok, messages, enable_thinking=True, chat_template=templates["standard"]).input_ids
+        ids == build_chat_mask(tok, messages, enable_thinking=True, chat_template=templates["own"]).input_ids
     )
     assert tok.convert_tokens_to_ids("<|think|>") in ids
 

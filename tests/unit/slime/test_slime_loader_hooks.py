@@ -130,10 +130,10 @@ MESSAGES = [
 
 def test_loss_mask_type_gemma4_is_ours(tokenizer):
     from gemma4.chat.slime import Gemma4LossMaskGenerator
-    from gemma4.chat.templates import load_reference_template
     from gemma4.slime.loss_mask import dispatching_class, make_loss_mask_generator
+    from harness.assets import load_gemma4_chat_template
 
-    template = load_reference_template("standard")
+    template = load_gemma4_chat_template()  # the project's own Gemma 4 template: any Gemma 4 template will do
     generator = make_loss_mask_generator(tokenizer, "gemma4", chat_template=template)
     want = Gemma4LossMaskGenerator(tokenizer, "gemma4", chat_template=template).get_loss_mask(MESSAGES)
     assert generator.get_loss_mask(MESSAGES) == want and sum(want[1]) > 0

@@ -158,6 +158,11 @@ def _bounded_layers(data: dict[str, Any], source: str) -> None:
     types = data.get("layer_types")
     if isinstance(types, list) and len(types) > MAX_LAYERS:
         raise ConfigError(f"{source}: field 'layer_types' has {len(types)} entries; at most {MAX_LAYERS}")
+    vocab = data.get("vocab_size")
+    if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0:
+        # before transformers sees them (it only warns, then HF's embedding indexes out of range)
+        _token_id(data.get("pad_token_id"), "pad_token_id", vocab)
+        _token_id(data.get("bos_token_id"), "bos_token_id", vocab)
 
 
 def hf_text_config_from_dict(data: dict[str, Any], source: str = "config") -> Any:
@@ -184,7 +189,8 @@ def hf_text_config_from_dict(data: dict[str, Any], source: str = "config") -> An
     try:
         return Gemma4TextConfig(**clean)
     except Exception as exc:  # transformers' strict dataclass validation raises several types
-        raise ConfigError(f"{source}: transformers rejects the config: {exc}") from exc
+        detail = " ".join(str(exc).split())  # transformers' messages span lines; ours are one
+        raise ConfigError(f"{source}: transformers rejects the config: {detail}") from exc
 
 
 def hf_text_config_from_any(obj: Any) -> Any:

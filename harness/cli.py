@@ -33,7 +33,7 @@ COMMAND_MODULES = (
     "harness.commands.parity",
     "harness.commands.goldens",
     "harness.commands.report",
-    "gemma4.chat.cli",
+    "harness.commands.mask",
     "harness.commands.convert",
     "harness.commands.e2e_mini",
     "harness.commands.e2e_gsm8k",

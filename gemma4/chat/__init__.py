@@ -1,6 +1,6 @@
 """Gemma 4 chat-template loss masks (SFT and multi-turn RL), checked against the real templates.
 
-Heavy dependencies (transformers) are imported lazily; ``gemma4.chat.cli`` stays argparse-only.
+Heavy dependencies (transformers) are imported lazily; the ``mask`` command lives in ``harness.commands.mask``.
 """
 
 from gemma4.chat.mask import (

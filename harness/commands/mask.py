@@ -32,7 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--chat-template", metavar="FILE", help="Jinja template file instead of the tokenizer's"
     )
-    parser.add_argument("--json", required=True, metavar="OUT", dest="json_out", help="output JSON file")
+    parser.add_argument("--json", required=True, metavar="OUT", help="output JSON file")
     parser.add_argument(
         "--on-mismatch",
         choices=("warn", "error", "ignore"),
@@ -40,7 +40,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="when the template drops part of a model message (e.g. stripped thinking): warn on stderr "
         "(default), fail with exit code 2, or ignore",
     )
-    parser.set_defaults(func=run)
+    from harness.cli_paths import IN_DIR, IN_FILE, OUT_FILE, declare
+
+    parser.set_defaults(
+        func=run,
+        io_paths=declare(
+            tokenizer=IN_DIR, messages=IN_FILE, tools=IN_FILE, chat_template=IN_FILE, json=OUT_FILE
+        ),
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,5 +98,5 @@ def run(args: argparse.Namespace) -> int:
         for issue in result.issues:
             print(f"gemma4-harness mask: warning: {issue.describe(source)}", file=sys.stderr)
     payload = {"input_ids": result.input_ids, "loss_mask": result.loss_mask}
-    atomic_write_text(Path(args.json_out), json.dumps(payload) + "\n")
+    atomic_write_text(Path(args.json), json.dumps(payload) + "\n")
     return 0

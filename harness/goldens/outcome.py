@@ -23,16 +23,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from harness.exit_codes import (  # noqa: F401 - re-exported for the goldens command
+    EXIT_FAILED,
+    EXIT_GOLDEN_BROKEN,
+    EXIT_HF_DRIFT,
+    EXIT_INVALID_INPUT,
+    EXIT_OK,
+)
+
 PASS = "pass"
 REGRESSION = "regression"
 HF_DRIFT = "hf-drift"
 INTEGRITY = "integrity"
 
-EXIT_OK = 0
-EXIT_REGRESSION = 1
-EXIT_INVALID_INPUT = 2
-EXIT_HF_DRIFT = 3
-EXIT_GOLDEN_BROKEN = 4
+# The CLI's one exit-code table (harness.exit_codes): a regression is the "check failed" code.
+EXIT_REGRESSION = EXIT_FAILED
 
 EXIT_CODES = {
     PASS: EXIT_OK,

@@ -203,7 +203,7 @@ def build_plan(options: Options) -> Plan:
                     options.python,
                     "-m",
                     "harness.gsm8k.prepare",
-                    "--hf",
+                    "--hf-checkpoint",
                     str(options.checkpoint) if options.checkpoint else _placeholder("--hf-checkpoint"),
                     "--out",
                     str(ref_load),

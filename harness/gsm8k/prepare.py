@@ -1,6 +1,6 @@
 """Make the run's ``--ref-load``: an HF checkpoint -> a Megatron-LM load directory (``torch_dist``).
 
-``python -m harness.gsm8k.prepare --hf DIR --out REF`` writes ``REF/release/`` with this project's
+``python -m harness.gsm8k.prepare --hf-checkpoint DIR --out REF`` writes ``REF/release/`` with this project's
 converter (``gemma4-harness convert hf-to-mcore --format torch_dist``: per-layer keys, which our model
 provider loads with ``hetereogenous_dist_checkpoint=True``) and then Megatron-LM's tracker file
 ``REF/latest_checkpointed_iteration.txt`` = ``release``, last and atomically, so an interrupted prepare
@@ -36,13 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m harness.gsm8k.prepare", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--hf", type=Path, required=True)
+    from harness.commands._options import add_hf_checkpoint
+
+    add_hf_checkpoint(parser, required=True, help="HF checkpoint directory", old="--hf")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     from gemma4.errors import InvalidInputError
 
     try:
-        print(prepare(args.hf, args.out), flush=True)
+        print(prepare(args.hf_checkpoint, args.out), flush=True)
     except InvalidInputError as exc:
         print(f"prepare: error: {exc}", file=sys.stderr)
         return 2

@@ -73,9 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from harness.cli_paths import check_paths
+    from harness.commands.result import finish
 
     check_paths(args)
-    return int(args.func(args))
+    return finish(args.func(args), getattr(args, "json", None))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from gemma4.atomic_io import atomic_write_json
+from harness.commands.result import Result
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -64,59 +64,43 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=run_roundtrip, io_paths=declare(hf_checkpoint=IN_DIR, workdir=OUT_DIR, json=OUT_FILE))
 
 
-def _write_json(path: Path | None, report: dict[str, Any]) -> None:
-    """Write ``report`` to ``path`` atomically (temp file + rename)."""
-    if path is None:
-        return
-    atomic_write_json(path, report)
+def _text(head: str, report: dict[str, Any], tail: list[str] | None = None) -> str:
+    return "\n".join([head, *(f"  note: {n}" for n in report.get("notes", [])), *(tail or [])])
 
 
-def _print_notes(report: dict[str, Any]) -> None:
-    for note in report.get("notes", []):
-        print(f"  note: {note}")
-
-
-def run_hf_to_mcore(args: argparse.Namespace) -> int:
+def run_hf_to_mcore(args: argparse.Namespace) -> Result:
     """``convert hf-to-mcore``."""
     from gemma4.conversion.convert import hf_to_mcore_dir
 
     report = hf_to_mcore_dir(args.hf_checkpoint, args.out, tp=args.tp, ep=args.ep, fmt=args.format)
-    print(
+    head = (
         f"wrote Megatron checkpoint {report['out']} ({report['format']}, tp={report['tp']} ep={report['ep']} "
         f"{report['dtype']}, {report['hf_tensors']} HF tensors) in {report['seconds']:.2f} s"
     )
-    _print_notes(report)
-    _write_json(args.json, report)
-    return 0
+    return Result(report, _text(head, report))
 
 
-def run_mcore_to_hf(args: argparse.Namespace) -> int:
+def run_mcore_to_hf(args: argparse.Namespace) -> Result:
     """``convert mcore-to-hf``."""
     from gemma4.conversion.convert import mcore_to_hf_dir
 
     report = mcore_to_hf_dir(args.mcore, args.out, hf_config=args.hf_config)
-    print(
+    head = (
         f"wrote HF checkpoint {report['out']} ({report['hf_tensors']} tensors, {report['dtype']}) "
         f"in {report['seconds']:.2f} s"
     )
-    _print_notes(report)
-    _write_json(args.json, report)
-    return 0
+    return Result(report, _text(head, report))
 
 
-def run_roundtrip(args: argparse.Namespace) -> int:
+def run_roundtrip(args: argparse.Namespace) -> Result:
     """``convert roundtrip``: exit 0 iff bit-exact, 1 otherwise."""
     from gemma4.conversion.convert import roundtrip
 
     report = roundtrip(args.hf_checkpoint, tp=args.tp, ep=args.ep, workdir=args.workdir, fmt=args.format)
     verdict = "bit-exact" if report["identical"] else f"{len(report['differences'])} differences"
-    print(
-        f"roundtrip {args.hf_checkpoint} ({report['format']}) tp={report['tp']} ep={report['ep']} {report['dtype']}: "
-        f"{report['tensors']} tensors, {verdict}"
+    head = (
+        f"roundtrip {args.hf_checkpoint} ({report['format']}) tp={report['tp']} ep={report['ep']} "
+        f"{report['dtype']}: {report['tensors']} tensors, {verdict}"
     )
-    _print_notes(report)
-    _write_json(args.json, report)
-    for d in report["differences"][:20]:
-        print(f"  - {d}")
-    print("PASS" if report["identical"] else "FAIL")
-    return 0 if report["identical"] else 1
+    tail = [f"  - {d}" for d in report["differences"][:20]] + ["PASS" if report["identical"] else "FAIL"]
+    return Result.verdict(report, _text(head, report, tail), report["identical"])

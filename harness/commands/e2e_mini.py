@@ -6,11 +6,10 @@ Exit 0 when every gate holds, 1 when one fails (each failure is named), 2 for in
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
-from gemma4.atomic_io import atomic_write_json
+from harness.commands.result import Result
 
 #: Upper bound on a rendered arithmetic prompt's length in tokens (for the memory estimate).
 PROMPT_TOKENS = 64
@@ -104,7 +103,7 @@ def format_summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> Result:
     """Run the smoke; exit code 0/1 (2 is raised as InvalidInputError)."""
     from harness.e2e.run import E2EConfig, run_e2e
 
@@ -143,10 +142,7 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         what=f"e2e-mini {args.preset} ({cfg.rows} rollouts x {args.max_new_tokens} new tokens)",
     )
-    if forced:
-        print(f"note: {forced}")
     result = run_e2e(cfg)
-    if args.json:
-        atomic_write_json(args.json, result)
-    print(format_summary(result), file=sys.stdout)
-    return 0 if result["pass"] else 1
+    if forced:
+        result["notes"].append(forced)
+    return Result.verdict(result, format_summary(result), result["pass"])

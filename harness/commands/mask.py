@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from harness.commands.result import Result
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register the ``mask`` subcommand."""
@@ -50,13 +52,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> Result:
     """Run ``mask``; returns the exit code (input errors raise InvalidInputError, mapped to 2 by the CLI)."""
-    import json
     import sys
     from pathlib import Path
 
-    from gemma4.chat._io import atomic_write_text, read_json
+    from gemma4.chat._io import read_json
     from gemma4.chat.mask import build_chat_mask
     from gemma4.chat.templates import load_template
     from gemma4.chat.tokenizer import load_tokenizer
@@ -98,5 +99,5 @@ def run(args: argparse.Namespace) -> int:
         for issue in result.issues:
             print(f"gemma4-harness mask: warning: {issue.describe(source)}", file=sys.stderr)
     payload = {"input_ids": result.input_ids, "loss_mask": result.loss_mask}
-    atomic_write_text(Path(args.json), json.dumps(payload) + "\n")
-    return 0
+    # the CLI writes --json (the command's output) through the one strict atomic writer
+    return Result(payload, "")

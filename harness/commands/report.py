@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from harness.commands.goldens import REPO_GOLDENS
+from harness.commands.result import Result
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -57,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run, io_paths=declare(out=OUT_DIR, junit=OUT_FILE, goldens_dir=IN_DIR))
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> Result:
     """Collect, render, write; exit 0 when everything passed, else 1."""
     import torch
 
@@ -108,13 +109,15 @@ def run(args: argparse.Namespace) -> int:
         timeout=args.deadline,
     )
     written = write_report(data, args.out, args.junit)
-    print(f"report: {written['html']}  summary: {written['markdown']}")
+    lines = [f"report: {written['html']}  summary: {written['markdown']}"]
     if args.junit:
-        print(f"junit: {written['junit']}")
+        lines.append(f"junit: {written['junit']}")
     if data.passed:
-        print("PASS")
-        return 0
-    print(f"FAIL ({len(data.failures)} failing item(s)):")
-    for line in data.failures:
-        print(f"  - {line}")
-    return 1
+        lines.append("PASS")
+    else:
+        lines.append(f"FAIL ({len(data.failures)} failing item(s)):")
+        lines += [f"  - {line}" for line in data.failures]
+    written_paths = {k: str(v) for k, v in written.items()}
+    return Result.verdict(
+        {"written": written_paths, "failures": data.failures}, "\n".join(lines), data.passed
+    )

@@ -1,6 +1,6 @@
 """Gemma 4 text config, normalised from any of the shapes HF uses for it.
 
-:func:`text_config_from_any` accepts a ``Gemma4TextConfig``, a ``Gemma4Config`` (its ``text_config``),
+:func:`text_spec_from_any` / :func:`hf_text_config_from_any` accept a ``Gemma4TextConfig``, a ``Gemma4Config`` (its ``text_config``),
 a ``config.json`` path or directory, or the parsed JSON dict, in both the old schema
 (``global_head_dim`` / ``num_global_key_value_heads``) and the transformers >= 5.15 schema
 (``per_layer_config``). Dicts are parsed by transformers itself, so HF's defaults apply (e.g. PLE on when
@@ -9,11 +9,18 @@ a ``config.json`` path or directory, or the parsed JSON dict, in both the old sc
 :class:`Gemma4TextSpec` is the frozen, validated summary the Megatron model is built from. Everything it
 holds is per layer where Gemma 4 is heterogeneous (head dim, KV heads, attention type); it never reads
 ``config.head_dim`` (which raises on >= 5.15 configs, facts §6.10).
+
+HF checkpoints: :func:`read_hf_config` is the one reader of a ``config.json`` (file or directory; strict,
+:class:`HFConfigFile`: raw object, text config, conditional-generation or not, text-weight prefix), and
+:func:`text_weight_prefix` / :func:`prefix_from_names` the one prefix rule (``model.`` for
+``Gemma4ForCausalLM``, ``model.language_model.`` for ``Gemma4ForConditionalGeneration``). Conversion, the
+slime loader and weight sync, ``--hf-config`` and the e2e preflight all read configs through them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -127,20 +134,102 @@ class Gemma4TextSpec:
         return d
 
 
-# ---- loading -------------------------------------------------------------------------------------------
+# ---- loading: HF config.json and the text-weight prefix ------------------------------------------------
 
 
-def _load_json(path: Path) -> dict[str, Any]:
+#: Text-weight name prefixes of an HF checkpoint: ``Gemma4ForCausalLM`` and ``Gemma4ForConditionalGeneration``.
+HF_CAUSAL_LM_PREFIX = "model."
+HF_CONDITIONAL_GENERATION_PREFIX = "model.language_model."
+CONFIG_FILE = "config.json"
+
+
+def is_conditional_generation(config: Any) -> bool:
+    """Does ``config`` describe the multimodal ``Gemma4ForConditionalGeneration``? A ``config.json`` dict
+    does when its ``model_type`` is ``gemma4`` or its ``architectures`` name that class; a config object
+    when it is a ``Gemma4Config``. Anything else (``Gemma4TextConfig``, a spec) is a ``Gemma4ForCausalLM``."""
+    if isinstance(config, Mapping):
+        archs = config.get("architectures") or []
+        return config.get("model_type") == "gemma4" or "Gemma4ForConditionalGeneration" in archs
+    if isinstance(config, Gemma4TextSpec):
+        return False
+    from transformers import Gemma4Config
+
+    return isinstance(config, Gemma4Config)
+
+
+def text_weight_prefix(conditional_generation: bool) -> str:
+    """The one prefix rule: ``model.language_model.`` for ``Gemma4ForConditionalGeneration``, else ``model.``."""
+    return HF_CONDITIONAL_GENERATION_PREFIX if conditional_generation else HF_CAUSAL_LM_PREFIX
+
+
+def prefix_from_names(names: Iterable[str]) -> str:
+    """The text-weight prefix of a checkpoint whose tensor names are known: ``model.language_model.`` if any
+    name has it, else ``model.``."""
+    return text_weight_prefix(any(n.startswith(HF_CONDITIONAL_GENERATION_PREFIX) for n in names))
+
+
+def config_json_path(path: str | Path) -> Path:
+    """``path`` itself, or ``path/config.json`` when ``path`` is a directory."""
+    path = Path(path)
+    return path / CONFIG_FILE if path.is_dir() else path
+
+
+@dataclass(frozen=True)
+class HFConfigFile:
+    """An HF ``config.json`` read strictly: the raw object, its text config, and the text-weight prefix."""
+
+    path: Path
+    raw: dict[str, Any]
+
+    @property
+    def text(self) -> dict[str, Any]:
+        """The text config as a dict: ``text_config`` of a multimodal config, else the whole object."""
+        text = self.raw.get("text_config")
+        return text if isinstance(text, dict) else self.raw
+
+    @property
+    def conditional_generation(self) -> bool:
+        """Whether it describes ``Gemma4ForConditionalGeneration`` (:func:`is_conditional_generation`)."""
+        return is_conditional_generation(self.raw)
+
+    @property
+    def prefix(self) -> str:
+        """The text-weight prefix this config implies (:func:`text_weight_prefix`)."""
+        return text_weight_prefix(self.conditional_generation)
+
+    def hf_text_config(self, source: str | None = None) -> Any:
+        """The ``Gemma4TextConfig`` (errors name ``source``, default this file)."""
+        return hf_text_config_from_dict(self.raw, source=str(self.path) if source is None else source)
+
+    def spec(self, source: str | None = None) -> Gemma4TextSpec:
+        """The validated :class:`Gemma4TextSpec`."""
+        return text_spec_from_hf(self.hf_text_config(source))
+
+
+def read_hf_config(path: str | Path, what: str = "config file") -> HFConfigFile:
+    """The one reader of an HF ``config.json`` (the file, or the directory holding it): a regular file, no
+    NaN/Infinity, bounded size and nesting (:mod:`gemma4.safe_read`). An unreadable file raises
+    :class:`ConfigError` naming it (and ``what`` it is)."""
     from gemma4.safe_read import read_json_object
 
-    if path.is_dir():
-        path = path / "config.json"
+    path = config_json_path(path)
     try:
-        return read_json_object(path, "config file")
+        return HFConfigFile(path, read_json_object(path, what))
     except ConfigError:
         raise
     except InvalidInputError as exc:  # a config that cannot be read is a config error (same exit code 2)
         raise ConfigError(str(exc)) from None
+
+
+def text_spec_and_prefix(config: Any) -> tuple[Gemma4TextSpec, str]:
+    """The spec and text-weight prefix of any config source: a ``config.json`` path or directory (read by
+    :func:`read_hf_config`), a ``config.json`` dict, a ``Gemma4TextConfig`` / ``Gemma4Config``, or a
+    :class:`Gemma4TextSpec` (a ``Gemma4ForCausalLM``)."""
+    if isinstance(config, (str, Path)):
+        hf = read_hf_config(config)
+        return hf.spec(), hf.prefix
+    spec = config if isinstance(config, Gemma4TextSpec) else text_spec_from_any(config)
+    return spec, text_weight_prefix(is_conditional_generation(config))
 
 
 #: Most decoder layers a config may declare. Released Gemma 4 models have at most 60; transformers' own
@@ -202,8 +291,7 @@ def hf_text_config_from_any(obj: Any) -> Any:
     if isinstance(obj, Gemma4Config):
         return obj.text_config
     if isinstance(obj, (str, Path)):
-        path = Path(obj)
-        return hf_text_config_from_dict(_load_json(path), source=str(path))
+        return read_hf_config(obj).hf_text_config(source=str(obj))
     if isinstance(obj, dict):
         return hf_text_config_from_dict(obj)
     raise ConfigError(f"unsupported config object of type {type(obj).__name__}")

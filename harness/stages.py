@@ -11,7 +11,7 @@ multi-GB is installed. Without a usable GPU each stage exits 1 with a message sa
   project with its test extra; ``$GEMMA4_GPU_EXTRA_PACKAGES``), checks that torch sees CUDA, then runs
   ``pytest -m gpu tests/gpu`` (ARGS go to pytest). Measured numbers land in ``$GEMMA4_GPU_REPORT``
   (default ``reports/gpu-parity.json``).
-* ``e2e-gsm8k``: hands ARGS to :mod:`harness.gsm8k.cli` (preflight of GPUs, slime, sglang, ray, checkpoint
+* ``e2e-gsm8k``: hands ARGS to :mod:`harness.commands.e2e_gsm8k` (preflight of GPUs, slime, sglang, ray, checkpoint
   and dataset, then the run). ``--dry-run`` needs no GPU: it only prints the plan.
 """
 
@@ -145,9 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         if preflight_only:
             print(f"{stage}: --dry-run: no GPU needed")
             return 0
-        from harness.gsm8k.cli import main as e2e_main
+        from harness.cli import main as cli_main
 
-        return e2e_main(rest)
+        return cli_main(["e2e-gsm8k", *rest])
     gpu = gpu_summary()
     if gpu is None:
         msg = f"{stage}: FAILED: needs a CUDA GPU ({STAGES[stage]}); no GPU is visible on this machine."
@@ -161,9 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if stage == "gpu-parity":
         return run_gpu_parity(rest, install)
-    from harness.gsm8k.cli import main as e2e_main
+    from harness.cli import main as cli_main
 
-    return e2e_main(rest)
+    return cli_main(["e2e-gsm8k", *rest])  # the one parser of `gemma4-harness e2e-gsm8k`
 
 
 if __name__ == "__main__":

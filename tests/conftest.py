@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from gemma4.chat.templates import REQUIRE_SHARED_ENV, ReferenceDataUnavailable, reference_path
+from harness.reference_data import REQUIRE_SHARED_ENV, ReferenceDataUnavailable, reference_path
 
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*")
 
@@ -54,3 +54,24 @@ def require_reference_data(relative: str) -> Path:
 def require_reference() -> Callable[[str], Path]:
     """:func:`require_reference_data` as a fixture: ``require_reference("gemma4/chat_template.jinja")``."""
     return require_reference_data
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--goldens-update``: the per-case goldens gate (tests/unit/goldens/test_goldens_repo.py) re-records each
+    case whose check is not ok, through ``gemma4-harness goldens record``'s code path, then fails it once."""
+    parser.addoption(
+        "--goldens-update",
+        action="store_true",
+        default=False,
+        help="re-record every golden whose check fails (then the test fails once: review the diff and rerun)",
+    )
+
+
+def pytest_make_parametrize_id(config: pytest.Config, val: object, argname: str) -> str | None:
+    """Readable ids: ``float64`` (not ``dtype0``) for torch dtypes, the layout name for a ``RunLayout``."""
+    if isinstance(val, torch.dtype):
+        return str(val).removeprefix("torch.")
+    name = getattr(val, "name", None)
+    if type(val).__name__ == "RunLayout" and isinstance(name, str):
+        return name
+    return None

@@ -37,7 +37,7 @@ mismatch between what the model produced and what is trained; it is reported as 
 (``"error"``) or only recorded in :attr:`ChatMask.issues` (``"ignore"``). A token that mixes trainable and
 untrained characters (a tokenizer merging across a turn boundary) is trained and reported the same way.
 To train on thinking exactly as generated, use the token-in/token-out rollout mask
-(:func:`gemma4.chat.slime.rollout_loss_mask`).
+(:func:`gemma4.slime.loss_mask.rollout_loss_mask`).
 """
 
 from __future__ import annotations

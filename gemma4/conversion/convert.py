@@ -8,7 +8,6 @@ embedding) plus their shards, never the whole model.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,9 +17,8 @@ from typing import Any
 from gemma4 import atomic_io
 from gemma4.conversion import mapping, sharding
 from gemma4.conversion.hf_io import HFSource, open_hf_checkpoint, write_hf_config
+from gemma4.conversion.manifest import FORMAT_TORCH_DIST, write_manifest
 from gemma4.conversion.mcore_io import (
-    FORMAT_TORCH_DIST,
-    MANIFEST,
     gather_rule,
     hf_plan,
     manifest_dict,
@@ -91,7 +89,7 @@ def hf_to_mcore_dir(
         with atomic_output_dir(out) as tmp:
             save_torch_dist(src, tmp)
             manifest = manifest_dict(src.hf_config, src.dtype, tp, ep, source, FORMAT_TORCH_DIST)
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            write_manifest(tmp, manifest)
         notes = src.notes + [
             "torch_dist holds global tensors; Megatron reshards them to any TP/EP at load (build the model "
             "with hetereogenous_dist_checkpoint=True)"
@@ -120,9 +118,7 @@ def hf_to_mcore_dir(
             del tensors
         for w in writers.values():
             w.finish()
-        (tmp / MANIFEST).write_text(
-            json.dumps(manifest_dict(src.hf_config, src.dtype, tp, ep, source), indent=2) + "\n"
-        )
+        write_manifest(tmp, manifest_dict(src.hf_config, src.dtype, tp, ep, source))
     return {
         "out": str(out),
         "format": fmt,

@@ -20,9 +20,8 @@ from typing import Any
 
 import torch
 
-from gemma4.config import Gemma4TextSpec, hf_text_config_from_dict, text_spec_from_hf
+from gemma4.config import CONFIG_FILE, Gemma4TextSpec, prefix_from_names, read_hf_config, text_spec_from_hf
 from gemma4.conversion import mapping
-from gemma4.conversion.mapping import HF_CAUSAL_LM_PREFIX, HF_CONDITIONAL_GENERATION_PREFIX
 from gemma4.conversion.safetensors_io import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -32,7 +31,6 @@ from gemma4.conversion.safetensors_io import (
     same_bytes,
 )
 from gemma4.errors import ConfigError, InvalidInputError
-from gemma4.safe_read import read_json_object
 
 __all__ = [
     "INDEX_FILE",
@@ -53,11 +51,8 @@ HEAD = "lm_head.weight"
 DEAD_KV_SUFFIXES = ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.k_norm.weight")
 
 
-def detect_prefix(names: Iterable[str]) -> str:
-    """``model.language_model.`` if any name has it, else ``model.``."""
-    if any(n.startswith(HF_CONDITIONAL_GENERATION_PREFIX) for n in names):
-        return HF_CONDITIONAL_GENERATION_PREFIX
-    return HF_CAUSAL_LM_PREFIX
+#: The prefix rule from tensor names (:func:`gemma4.config.prefix_from_names`), under its historical name.
+detect_prefix = prefix_from_names
 
 
 def safetensors_files(directory: Path) -> list[Path]:
@@ -100,11 +95,6 @@ def drop_dead_kv_shared_weights(
     return kept, dropped, notes
 
 
-def _raw_text_config(raw: dict[str, Any]) -> dict[str, Any]:
-    text = raw.get("text_config")
-    return text if isinstance(text, dict) else raw
-
-
 @dataclass
 class HFSource:
     """A validated HF checkpoint: config, spec, and where each text tensor (relative name) is stored."""
@@ -129,15 +119,8 @@ class HFSource:
         return read_tensor(self.tensors[name])
 
 
-def _load_config(directory: Path) -> tuple[dict[str, Any], Any]:
-    """``config.json`` read once, strictly (regular file, no NaN, bounded nesting), and its text config."""
-    path = directory / "config.json"
-    raw = read_json_object(path, "config file")
-    return raw, hf_text_config_from_dict(raw, source=str(path))
-
-
 def _classify(store: SafetensorsDir) -> tuple[str, dict[str, TensorInfo], list[str]]:
-    prefix = detect_prefix(store.tensors)
+    prefix = prefix_from_names(store.tensors)
     text: dict[str, TensorInfo] = {}
     skipped: list[str] = []
     for name, info in store.tensors.items():
@@ -157,7 +140,8 @@ def open_hf_checkpoint(directory: Path) -> HFSource:
     directory = Path(directory)
     if not directory.is_dir():
         raise InvalidInputError(f"{directory}: checkpoint directory not found")
-    raw, hf_config = _load_config(directory)
+    config = read_hf_config(directory / CONFIG_FILE)  # once, strictly (regular file, no NaN, bounded nesting)
+    raw, hf_config = config.raw, config.hf_text_config()
     try:
         spec = text_spec_from_hf(hf_config)
     except ConfigError as exc:
@@ -168,7 +152,7 @@ def open_hf_checkpoint(directory: Path) -> HFSource:
     if skipped:
         notes.append(f"skipped {len(skipped)} non-text tensors (vision/audio towers)")
 
-    kv_shared = int(_raw_text_config(raw).get("num_kv_shared_layers") or 0)
+    kv_shared = int(config.text.get("num_kv_shared_layers") or 0)
     kept, dropped, dead_notes = drop_dead_kv_shared_weights(list(text), spec.num_layers, kv_shared)
     for n in dropped:
         text.pop(n)
@@ -226,7 +210,7 @@ def open_hf_checkpoint(directory: Path) -> HFSource:
                 f"{where(name)} has dtype {str(text[name].dtype).removeprefix('torch.')}; every other text "
                 f"tensor is {str(dtype).removeprefix('torch.')}"
             )
-    declared = _raw_text_config(raw).get("dtype") or raw.get("dtype") or raw.get("torch_dtype")
+    declared = config.text.get("dtype") or raw.get("dtype") or raw.get("torch_dtype")
     if isinstance(declared, str) and declared != str(dtype).removeprefix("torch."):
         notes.append(
             f"config.json declares dtype {declared!r}; the weights are {dtype} and are kept as stored"

@@ -36,11 +36,10 @@ from dataclasses import dataclass
 
 import torch
 
+from gemma4.config import HF_CAUSAL_LM_PREFIX as HF_CAUSAL_LM_PREFIX  # re-exported: the prefix rule is
+from gemma4.config import HF_CONDITIONAL_GENERATION_PREFIX as HF_CONDITIONAL_GENERATION_PREFIX  # config's
 from gemma4.config import Gemma4TextSpec
 from gemma4.errors import InvalidInputError
-
-HF_CAUSAL_LM_PREFIX = "model."
-HF_CONDITIONAL_GENERATION_PREFIX = "model.language_model."
 
 # Tensor-parallel layouts (see module docstring).
 REPLICATED = "replicated"
@@ -471,20 +470,43 @@ def load_hf_into_mcore(model: torch.nn.Module, hf: Mapping[str, torch.Tensor], s
     load_mcore_state_dict(model, hf_to_mcore(hf, spec), source="HF weights")
 
 
-def load_mcore_state_dict(
-    model: torch.nn.Module, converted: Mapping[str, torch.Tensor], source: str = "checkpoint"
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of ``model``'s state dict that hold weights (``_extra_state`` entries aside)."""
+    return {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+
+
+def load_strict(
+    targets: Mapping[str, torch.Tensor],
+    given: Mapping[str, torch.Tensor],
+    source: str = "checkpoint",
+    *,
+    optional: Callable[[str], bool] | None = None,
+    prepare: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
-    """Copy a Megatron state dict into ``model`` strictly (``_extra_state`` aside), casting to its dtypes."""
-    own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    missing = sorted(set(own) - set(converted))
-    extra = sorted(set(converted) - set(own))
+    """The one strict loader: copy ``given[name]`` into every ``targets[name]``, cast to its dtype.
+
+    Every target must be given and nothing else may be (a given name for which ``optional(name)`` holds may
+    lack a target: experts that live on another EP rank); each given tensor, after ``prepare(name, tensor)``
+    (cutting it for this rank), must have its target's shape. Refusals name the tensors and ``source``.
+    """
+    keys = {k for k in given if k in targets or optional is None or not optional(k)}
+    missing = sorted(set(targets) - keys)
+    extra = sorted(keys - set(targets))
     if missing or extra:
-        raise InvalidInputError(f"mapping does not cover the model: missing {missing}, unexpected {extra}")
+        raise InvalidInputError(f"{source} do not cover the model: missing {missing}, unexpected {extra}")
     with torch.no_grad():
-        for name, target in own.items():
-            src = converted[name]
+        for name, target in targets.items():
+            src = given[name] if prepare is None else prepare(name, given[name])
             if tuple(src.shape) != tuple(target.shape):
                 raise InvalidInputError(
                     f"tensor {name!r}: {source} give shape {tuple(src.shape)}, the model expects {tuple(target.shape)}"
                 )
             target.copy_(src.to(target.dtype))
+
+
+def load_mcore_state_dict(
+    model: torch.nn.Module, converted: Mapping[str, torch.Tensor], source: str = "checkpoint"
+) -> None:
+    """Copy a Megatron state dict into ``model`` strictly (``_extra_state`` aside), casting to its dtypes
+    (:func:`load_strict`)."""
+    load_strict(model_tensors(model), converted, source)

@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
-from gemma4.config import Gemma4TextSpec, hf_text_config_from_dict, text_spec_from_hf
+from gemma4.config import Gemma4TextSpec, hf_text_config_from_dict, read_hf_config, text_spec_from_hf
 from gemma4.conversion import mapping, sharding
+from gemma4.conversion.manifest import FORMAT, FORMAT_TORCH_DIST, MANIFEST, VERSION
 from gemma4.conversion.safetensors_io import (
     Entry,
     SafetensorsDir,
@@ -36,13 +37,9 @@ from gemma4.conversion.safetensors_io import (
     read_tensor,
     same_bytes,
 )
+from gemma4.conversion.torch_dist import TorchDistReader, is_torch_dist, torch_dist_key
 from gemma4.errors import ConfigError, InvalidInputError
-from gemma4.safe_read import read_json_object
 
-MANIFEST = "gemma4_mcore.json"
-FORMAT = "gemma4-mcore-safetensors"
-FORMAT_TORCH_DIST = "gemma4-mcore-torch_dist"
-VERSION = 1
 DTYPES = {
     "float64": torch.float64,
     "float32": torch.float32,
@@ -216,8 +213,6 @@ class TorchDistSource(MCoreSource):
     def read(self, rank: Rank, name: str) -> torch.Tensor:
         """Assemble global tensor ``name`` from its chunks (an expert is a row of its layer's stacked
         tensor, which is kept while that layer's experts are read in turn)."""
-        from gemma4.conversion.torch_dist import torch_dist_key
-
         key, row = torch_dist_key(name)
         if row is None:
             return self.reader.read(key)
@@ -242,11 +237,8 @@ def _manifest_hf_config(manifest: dict[str, Any], path: Path) -> Any:
 
 def read_hf_config_flag(hf_config_path: Path) -> Any:
     """The text config of ``--hf-config`` (a ``config.json`` or its directory), read strictly."""
-    p = Path(hf_config_path)
-    if p.is_dir():
-        p = p / "config.json"
-    raw = read_json_object(p, "--hf-config file")
-    return hf_text_config_from_dict(raw, source=f"--hf-config {p}")
+    hf = read_hf_config(hf_config_path, "--hf-config file")
+    return hf.hf_text_config(source=f"--hf-config {hf.path}")
 
 
 def spec_differences(a: Gemma4TextSpec, b: Gemma4TextSpec) -> list[str]:
@@ -281,8 +273,6 @@ def check_hf_config_flag(hf_config_path: Path | None, spec: Gemma4TextSpec, mani
 
 
 def _open_torch_dist(directory: Path, hf_config_path: Path | None) -> TorchDistSource:
-    from gemma4.conversion.torch_dist import TorchDistReader, torch_dist_key
-
     path = directory / MANIFEST
     flag_notes: list[str] = []
     if os.path.lexists(path):
@@ -330,8 +320,6 @@ def open_mcore_checkpoint(directory: Path, hf_config_path: Path | None = None) -
     directory = Path(directory)
     if not directory.is_dir():
         raise InvalidInputError(f"{directory}: Megatron checkpoint directory not found")
-    from gemma4.conversion.torch_dist import is_torch_dist
-
     if is_torch_dist(directory):
         return _open_torch_dist(directory, hf_config_path)
     path = directory / MANIFEST

@@ -13,6 +13,12 @@ Layouts (``Rule.tp_layout``), as Megatron's parallel layers hold them on TP rank
 * ``replicated``: every rank holds the full tensor (norms, q/k layernorms, ``layer_scalar``); gathering checks
   that all ranks agree bit for bit.
 
+Each split layout is the ``(partition_dim, partition_stride)`` Megatron gives the parameter
+(:data:`PARTITION`), cut by the one split rule, :func:`gemma4.parallel.tp_shard` /
+:func:`gemma4.parallel.tp_join`, which :func:`gemma4.parallel.shard_like` applies to live parameters from
+their metadata. Two entry points because two inputs: here checkpoint tensors with no model (the layout comes
+from the mapping table), there a Megatron parameter (the layout comes from its attributes at run time).
+
 Expert parallelism places global expert ``e`` on EP rank ``e // (E/ep)`` as local expert ``e % (E/ep)``
 (:func:`gemma4.conversion.mapping.expert_placement`).
 """
@@ -26,6 +32,7 @@ import torch
 from gemma4.config import Gemma4TextSpec
 from gemma4.conversion import mapping
 from gemma4.errors import InvalidInputError
+from gemma4.parallel import tp_join, tp_split
 
 
 def check_tp(spec: Gemma4TextSpec, tp: int) -> None:
@@ -81,10 +88,20 @@ def check_ep(spec: Gemma4TextSpec, ep: int) -> None:
         raise InvalidInputError(f"--ep {ep}: 'num_experts' {experts} is not divisible by the EP size")
 
 
-def _split(t: torch.Tensor, tp: int, dim: int, what: str) -> list[torch.Tensor]:
-    if t.shape[dim] % tp:
-        raise InvalidInputError(f"{what}: dim {dim} of size {t.shape[dim]} cannot be split over {tp} ranks")
-    return list(t.chunk(tp, dim=dim))
+#: The ``(partition_dim, partition_stride)`` Megatron sets on a parameter of each split layout.
+PARTITION: dict[str, tuple[int, int]] = {
+    mapping.COLUMN: (0, 1),
+    mapping.VOCAB: (0, 1),
+    mapping.QKV_GROUPS: (0, 1),
+    mapping.ROW: (1, 1),
+    mapping.GLU: (0, 2),
+}
+
+
+def _partition(layout: str, what: str) -> tuple[int, int]:
+    if layout not in PARTITION:
+        raise ValueError(f"{what}: unknown TP layout {layout!r}")
+    return PARTITION[layout]
 
 
 def shard_tp(rule: mapping.Rule, t: torch.Tensor, tp: int, what: str | None = None) -> list[torch.Tensor]:
@@ -95,14 +112,8 @@ def shard_tp(rule: mapping.Rule, t: torch.Tensor, tp: int, what: str | None = No
         return [t]
     if layout == mapping.REPLICATED:
         return [t] * tp
-    if layout in (mapping.COLUMN, mapping.VOCAB, mapping.QKV_GROUPS):
-        return _split(t, tp, 0, what)
-    if layout == mapping.ROW:
-        return _split(t, tp, 1, what)
-    if layout == mapping.GLU:
-        gate, up = t.chunk(2, dim=0)
-        return [torch.cat([g, u], dim=0) for g, u in zip(_split(gate, tp, 0, what), _split(up, tp, 0, what))]
-    raise ValueError(f"{what}: unknown TP layout {layout!r}")
+    dim, stride = _partition(layout, what)
+    return tp_split(t, tp, dim, stride, what)
 
 
 def gather_tp(rule: mapping.Rule, shards: Sequence[torch.Tensor], what: str | None = None) -> torch.Tensor:
@@ -119,14 +130,8 @@ def gather_tp(rule: mapping.Rule, shards: Sequence[torch.Tensor], what: str | No
                     f"tensor {what!r} is replicated across tensor-parallel ranks but rank {r} differs from rank 0"
                 )
         return first
-    if layout in (mapping.COLUMN, mapping.VOCAB, mapping.QKV_GROUPS):
-        return torch.cat(list(shards), dim=0)
-    if layout == mapping.ROW:
-        return torch.cat(list(shards), dim=1)
-    if layout == mapping.GLU:
-        halves = [s.chunk(2, dim=0) for s in shards]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
-    raise ValueError(f"{what}: unknown TP layout {layout!r}")
+    dim, stride = _partition(layout, what)
+    return tp_join(shards, dim, stride, what)
 
 
 def shard_experts(experts: Sequence[torch.Tensor], ep: int) -> list[list[tuple[int, torch.Tensor]]]:

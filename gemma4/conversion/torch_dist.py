@@ -31,7 +31,6 @@ layout where memory matters; use this one to feed Megatron's ``--load``.
 from __future__ import annotations
 
 import io
-import json
 import os
 import pickle
 import re
@@ -326,10 +325,3 @@ class TorchDistReader:
         if out is None:
             raise InvalidInputError(f"{self.directory}: tensor {key!r} has no stored chunks")
         return out
-
-
-def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
-    """Our manifest beside Megatron's files (the HF config the checkpoint was converted from)."""
-    from gemma4.conversion.mcore_io import MANIFEST
-
-    (Path(directory) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

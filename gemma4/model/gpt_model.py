@@ -8,14 +8,19 @@
   ``packed_seq_params.cu_seqlens_q[_padded]``, this rank's zig-zag chunks under context parallelism) and
   passes it to the layers as ``packed_seq_params``. RoPE positions restart per document and follow the CP
   chunks; caller-given ``position_ids`` are honoured only for plain (unpacked, CP 1) batches.
-* Sequence layout: every forward builds a :class:`Gemma4SeqLayout` (documents of a packed row from
-  ``packed_seq_params.cu_seqlens_q[_padded]``, this rank's zig-zag chunks under context parallelism) and
-  passes it to the layers as ``packed_seq_params``. RoPE positions restart per document and follow the CP
-  chunks; caller-given ``position_ids`` are honoured only for plain (unpacked, CP 1) batches.
 * Padding row: HF's embedding is ``nn.Embedding(padding_idx=pad_token_id)``, so the lookup of a pad token
   sends no gradient into that row; we cut the same gradient (the forward value is unchanged).
 * E2B/E4B: the per-layer embeddings (PLE) are computed here from the ids and the scaled embedding and
   handed to the layers, with zeroed slots for shared K/V, in the carry (``gemma4.model.carry``).
+* Forward path: only public Megatron APIs, no private ``GPTModel`` method is overridden. ``forward`` embeds
+  with ``self.embedding`` (``LanguageModelEmbedding.forward``), scales, builds the layout, the RoPE angles
+  and the carry, and calls ``self.decoder`` (``TransformerBlock.forward``) with them as ``rotary_pos_emb``,
+  ``packed_seq_params`` and ``context``: arguments the block hands to every layer, also through full
+  activation recompute (``TransformerBlock._checkpointed_forward`` checkpoints ``context`` and
+  ``rotary_pos_emb`` as inputs). Then ``self.output_layer`` with the tied weight, the softcap, and
+  ``compute_language_model_loss``. ``GPTModel.forward`` is not called: it has no argument through which
+  per-forward RoPE angles could reach the block (``extra_block_kwargs`` cannot carry ``rotary_pos_emb``,
+  which it passes itself).
 * Head: tied output layer (Megatron's ``share_embeddings_and_output_weights``), then
   ``c * tanh(logits / c)`` applied once, before any loss (facts §6.12).
 """
@@ -25,7 +30,10 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_model import GPTModel
-from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+from megatron.core.tensor_parallel import (
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
 
 from gemma4.model import rope
 from gemma4.model.carry import carry_layout, needs_carry
@@ -62,6 +70,8 @@ class Gemma4Model(GPTModel):
         **kwargs,
     ) -> None:
         spec = config.gemma4
+        if kwargs.get("mtp_block_spec") is not None:
+            raise NotImplementedError("Gemma4Model: multi-token prediction (mtp_block_spec) is not supported")
         if transformer_layer_spec is None:
             transformer_layer_spec = get_gemma4_decoder_block_spec(config, vp_stage=vp_stage)
         if share_embeddings_and_output_weights is None:
@@ -80,7 +90,6 @@ class Gemma4Model(GPTModel):
             **kwargs,
         )
         self.gemma4 = spec
-        self._block_kwargs: dict | None = None
         if spec.ple_dim and self.pre_process:
             self._build_per_layer_embeddings(config)
 
@@ -146,29 +155,6 @@ class Gemma4Model(GPTModel):
             base=packed_seq_params,
         )
 
-    def _preprocess(self, input_ids, position_ids, decoder_input=None, packed_seq_params=None, **kwargs):
-        scale_embeddings = decoder_input is None and self.pre_process
-        out = list(
-            super()._preprocess(
-                input_ids,
-                position_ids,
-                decoder_input=decoder_input,
-                packed_seq_params=packed_seq_params,
-                **kwargs,
-            )
-        )
-        if scale_embeddings:
-            weight_dtype = self.embedding.word_embeddings.weight.dtype
-            emb = out[0] * embedding_scale(self.config.hidden_size, weight_dtype)
-            out[0] = self._cut_padding_gradient(emb, input_ids)
-        if self._block_kwargs is not None and needs_carry(self.gemma4):
-            self._block_kwargs["context"] = self._initial_carry(out[0], input_ids)
-        layout = packed_seq_params
-        if position_ids is None or layout.packed or layout.cp_size > 1:
-            position_ids = layout.q_pos.unsqueeze(0).expand(input_ids.shape[0], -1)
-        out[1] = rope.rope_angles(self.gemma4, position_ids, self.config.params_dtype)
-        return tuple(out)
-
     def _initial_carry(self, embeddings: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """The carry the first layer gets: the PLE inputs, zeros where store layers will put their K/V."""
         tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -200,6 +186,13 @@ class Gemma4Model(GPTModel):
             return emb
         return torch.where(is_pad.unsqueeze(-1), emb.detach(), emb)
 
+    def scaled_embedding(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        """``E[ids] * sqrt(H)`` as ``[s(/tp under SP), b, h]`` (``self.embedding``: Megatron's
+        ``LanguageModelEmbedding``, which also scatters for sequence parallelism), pad rows' gradient cut."""
+        emb = self.embedding(input_ids=input_ids, position_ids=position_ids)
+        emb = emb * embedding_scale(self.config.hidden_size, self.embedding.word_embeddings.weight.dtype)
+        return self._cut_padding_gradient(emb, input_ids)
+
     def forward(
         self,
         input_ids,
@@ -207,34 +200,73 @@ class Gemma4Model(GPTModel):
         attention_mask=None,
         decoder_input=None,
         labels=None,
+        inference_context=None,
         packed_seq_params=None,
-        **kwargs,
+        extra_block_kwargs: dict | None = None,
+        runtime_gather_output: bool | None = None,
+        *,
+        inference_params=None,
+        loss_mask=None,
+        padding_mask=None,
     ):
-        """Like ``GPTModel.forward``; logits come back ``[b, s, V]`` softcapped, or the loss ``[b, s]``.
+        """``GPTModel.forward``'s arguments; logits come back ``[b, s, V]`` softcapped, or the loss ``[b, s]``.
 
         ``input_ids`` are this rank's tokens (already zig-zag sharded under CP, as slime shards them);
         ``packed_seq_params`` (THD, batch 1) describes packed documents by ``cu_seqlens_q[_padded]``.
+        ``loss_mask`` is accepted and unused (Megatron uses it only for multi-token prediction);
+        ``padding_mask`` is handed to the block as ``GPTModel`` hands it (Gemma 4 layers do not use it).
         """
-        layout = self.sequence_layout(input_ids, packed_seq_params)
-        # _preprocess puts the layer carry (PLE inputs, shared K/V slots) into these block kwargs: the decoder
-        # is called with them right after it (GPTModel.forward), and threads them as ``context``.
-        self._block_kwargs = dict(kwargs.pop("extra_block_kwargs", None) or {})
-        try:
-            output = super().forward(
-                input_ids,
-                position_ids,
-                attention_mask,
-                decoder_input=decoder_input,
-                labels=None,
-                packed_seq_params=layout,
-                extra_block_kwargs=self._block_kwargs,
-                **kwargs,
+        if inference_context is not None or inference_params is not None:
+            raise NotImplementedError(
+                "Gemma4Model: KV-cache inference is not implemented (rollouts run in SGLang)"
             )
-        finally:
-            self._block_kwargs = None
+        if getattr(self.config, "fine_grained_activation_offloading", False):
+            self.preprocess_for_fine_grained_offloading()  # as GPTModel.forward does
+        layout = self.sequence_layout(input_ids, packed_seq_params)
+        if decoder_input is None and self.pre_process:
+            decoder_input = self.scaled_embedding(input_ids, position_ids)
+            if padding_mask is not None and self.config.sequence_parallel:  # as GPTModel does
+                padding_mask = scatter_to_sequence_parallel_region(padding_mask.transpose(0, 1).contiguous())
+                padding_mask = padding_mask.transpose(0, 1).contiguous()
+        # (pre_process False: the block takes the previous stage's output, see ``set_input_tensor``.)
+
+        if position_ids is None or layout.packed or layout.cp_size > 1:
+            position_ids = layout.q_pos.unsqueeze(0).expand(input_ids.shape[0], -1)
+        angles = rope.rope_angles(self.gemma4, position_ids, self.config.params_dtype)
+
+        block_kwargs = dict(extra_block_kwargs or {})
+        if needs_carry(self.gemma4):
+            if block_kwargs.get("context") is not None:
+                raise ValueError("Gemma4Model: extra_block_kwargs['context'] is the model's own layer carry")
+            block_kwargs["context"] = self._initial_carry(decoder_input, input_ids)
+        if padding_mask is not None:
+            block_kwargs["padding_mask"] = padding_mask
+        hidden_states = self.decoder(
+            hidden_states=decoder_input,
+            attention_mask=attention_mask,
+            rotary_pos_emb=angles,
+            packed_seq_params=layout,
+            **block_kwargs,
+        )
         if not self.post_process:
-            return output
-        logits = softcap(output, self.gemma4.final_logit_softcapping)
+            return hidden_states
+
+        weight = (
+            self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        )
+        logits, _ = self.output_layer(
+            hidden_states, weight=weight, runtime_gather_output=runtime_gather_output
+        )
+        logits = softcap(logits.transpose(0, 1).contiguous(), self.gemma4.final_logit_softcapping)
         if labels is None:
             return logits
         return self.compute_language_model_loss(labels, logits.transpose(0, 1).contiguous())
+
+    def build_schedule_plan(self, *args, **kwargs):
+        """Refused: Megatron's combined-1F1B schedule plan runs ``GPTModel``'s own embedding/RoPE
+        preprocessing and each layer's ``TransformerLayer`` sub-steps, bypassing ``forward`` above and
+        ``Gemma4TransformerLayer.forward`` (sandwich norms, ``layer_scalar``, PLE, shared K/V)."""
+        raise NotImplementedError(
+            "Gemma4Model: Megatron's combined 1F1B schedule plan (overlap_moe_expert_parallel_comm) is not "
+            "supported: it bypasses Gemma 4's forward and layer forward"
+        )

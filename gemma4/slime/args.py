@@ -33,7 +33,7 @@ class ArgCheck:
 def text_spec_from_args(args: Any) -> Gemma4TextSpec:
     """The Gemma 4 text spec ``args`` describes: ``args.gemma4_text_spec``, else ``args.hf_config``, else the
     ``config.json`` of ``args.hf_checkpoint`` (read once and cached), as for weight sync."""
-    from gemma4.conversion.streaming import resolve_target
+    from gemma4.slime.weight_sync import resolve_target
 
     try:
         spec, _ = resolve_target(args)

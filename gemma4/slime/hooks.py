@@ -9,7 +9,7 @@ training actor) therefore patches, in the slime modules loaded in this process:
   :func:`gemma4.slime.weight_sync.convert_gemma4_to_hf` and everything else to the original;
 * every ``_LOADERS`` dict -> gains :data:`gemma4.slime.loader.LOADERS` (existing keys are left alone);
 * every ``MultiTurnLossMaskGenerator`` class (``slime.utils.mask_utils``) -> a subclass that builds
-  :class:`gemma4.chat.slime.Gemma4LossMaskGenerator` for ``tokenizer_type="gemma4"``.
+  :class:`gemma4.slime.loss_mask.Gemma4LossMaskGenerator` for ``tokenizer_type="gemma4"``.
 
 Names bound by ``from … import …`` in already-loaded slime modules are patched too (found by identity with
 the original object); the source modules in :data:`KNOWN_MODULES` are imported first when slime is

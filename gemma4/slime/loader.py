@@ -27,16 +27,15 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from gemma4.config import Gemma4TextSpec, hf_text_config_from_dict, text_spec_from_any, text_spec_from_hf
+from gemma4.config import Gemma4TextSpec, prefix_from_names, text_spec_and_prefix
 from gemma4.conversion import mapping
-from gemma4.conversion.safetensors_io import read_checkpoint_json
-from gemma4.conversion.streaming import MODEL_NAMES, strip_module_prefixes
+from gemma4.conversion.streaming import strip_module_prefixes
 from gemma4.errors import InvalidInputError
+from gemma4.slime.weight_sync import MODEL_NAMES
 
 _GROUPED = re.compile(
     r"^(?P<head>decoder\.layers\.\d+\.mlp\.experts)\.(?P<fc>linear_fc[12])\.weight(?P<e>\d+)$"
@@ -70,45 +69,14 @@ def _names(reader: Any) -> list[str] | None:
     return None
 
 
-def _config_path(config: str | Path) -> Path:
-    path = Path(config)
-    return path / "config.json" if path.is_dir() else path
-
-
-def _config_prefix(config: Any) -> str:
-    raw: Any = None
-    if isinstance(config, Mapping):
-        raw = config
-    else:
-        from transformers import Gemma4Config
-
-        return (
-            mapping.HF_CONDITIONAL_GENERATION_PREFIX
-            if isinstance(config, Gemma4Config)
-            else mapping.HF_CAUSAL_LM_PREFIX
-        )
-    archs = raw.get("architectures") or []
-    cg = raw.get("model_type") == "gemma4" or "Gemma4ForConditionalGeneration" in archs
-    return mapping.HF_CONDITIONAL_GENERATION_PREFIX if cg else mapping.HF_CAUSAL_LM_PREFIX
-
-
 def resolve(config: Any, reader: Any) -> tuple[Gemma4TextSpec, str]:
     """The spec and the checkpoint prefix for ``config`` and ``reader`` (see the module docstring). A
-    ``config.json`` path is read once, strictly (:mod:`gemma4.safe_read`)."""
-    if isinstance(config, (str, Path)):
-        path = _config_path(config)
-        config = read_checkpoint_json(path, "config.json")
-        spec = text_spec_from_hf(hf_text_config_from_dict(config, source=str(path)))
-    else:
-        spec = config if isinstance(config, Gemma4TextSpec) else text_spec_from_any(config)
+    ``config.json`` path is read once, strictly (:func:`gemma4.config.read_hf_config`); the prefix comes
+    from the reader's names when it lists them (:func:`gemma4.config.prefix_from_names`), else from the
+    config (:func:`gemma4.config.text_spec_and_prefix`)."""
+    spec, prefix = text_spec_and_prefix(config)
     names = _names(reader)
-    if names is not None:
-        from gemma4.conversion.hf_io import detect_prefix
-
-        return spec, detect_prefix(names)
-    if isinstance(config, Gemma4TextSpec):
-        return spec, mapping.HF_CAUSAL_LM_PREFIX
-    return spec, _config_prefix(config)
+    return spec, (prefix_from_names(names) if names is not None else prefix)
 
 
 def _read(reader: Any, full_name: str, keep: bool = False) -> torch.Tensor:

@@ -3,7 +3,7 @@
 ``gemma4_chat_template.jinja`` is the project's own chat template in the Gemma 4 format, written from the
 format facts (not a copy of a released template). Use it wherever *a* Gemma 4 template is enough: rendering
 e2e-mini prompts, tokenizer fixtures, loss-mask tests. Tests and code that are about the released templates
-use :func:`gemma4.chat.templates.load_reference_template` instead (reference data, read where it lives).
+use :func:`harness.reference_data.load_reference_template` instead (reference data, read where it lives).
 """
 
 from __future__ import annotations

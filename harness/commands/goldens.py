@@ -4,7 +4,9 @@ Exit codes of ``goldens check``: 0 every golden matches (ours and HF); 1 regress
 matches a golden; 2 invalid input (unknown --only case, bad flag); 3 HF drift only: HF transformers no longer
 reproduces a golden while our model still does (or both moved together and still agree): review, then
 re-record with ``goldens record --update``; 4 a golden is missing, corrupt (sha256), unreadable or of an unknown
-schema version (the message names the file). When cases end differently: 4 beats 1 beats 3.
+schema version (the message names the file), or reference data a case needs is unavailable (the released chat
+templates under shared/; leave those cases out with --only chat excluded, e.g. --only forward). When cases end
+differently: 4 beats 1 beats 3.
 ``goldens record`` exits 0, or 2 when it refuses (existing goldens without --update, a broken manifest).
 """
 
@@ -39,7 +41,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--only",
         action="append",
         metavar="CASE",
-        help="a case (forward/tiny-31b/float64), family (forward, rope, weights, router, chat), prefix or pattern; repeatable",
+        help=(
+            "a case (forward/tiny-31b/float64, chat/standard/single_turn), family (forward, rope, weights, "
+            "router, chat), prefix or pattern; repeatable"
+        ),
     )
     common.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar"
@@ -106,18 +111,14 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    """Print every case, the delegated and the pending families."""
-    from harness.goldens.registry import DELEGATED, FAMILY_MODULES, PENDING, family
+    """Print every case and the pending families."""
+    from harness.goldens.registry import FAMILY_MODULES, PENDING, family
 
     for name in FAMILY_MODULES:
         mod = family(name)
         print(f"{name}: {mod.DESCRIPTION}")
         for case in mod.cases():
             print(f"  {case.name}")
-    from harness.goldens import chat
-
-    for name in DELEGATED:
-        print(f"{name}: {chat.DESCRIPTION}; delegated, its own manifest under goldens/{name}/")
     for name, why in PENDING.items():
         print(f"{name}: {why}")
     return 0

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from gemma4.atomic_io import atomic_write_bytes, atomic_write_json
+from gemma4.atomic_io import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from harness.parity.result import ParityResult, ParityTensors
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -55,51 +57,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
-def write_dump(directory: Path, tensors: dict[str, Any]) -> None:
+def write_dump(directory: Path, tensors: ParityTensors) -> None:
     """``inputs.safetensors`` (input_ids, and cu_seqlens for a packed row), ``megatron.safetensors`` and
     ``hf.safetensors`` (logits, run dtype)."""
     from safetensors.torch import save
 
-    inputs = {"input_ids": tensors["input_ids"]}
-    if tensors.get("cu_seqlens") is not None:
-        inputs["cu_seqlens"] = tensors["cu_seqlens"]
+    inputs = {"input_ids": tensors.input_ids}
+    if tensors.cu_seqlens is not None:
+        inputs["cu_seqlens"] = tensors.cu_seqlens
     files = {
         "inputs.safetensors": inputs,
-        "megatron.safetensors": {"logits": tensors["megatron_logits"]},
-        "hf.safetensors": {"logits": tensors["hf_logits"]},
+        "megatron.safetensors": {"logits": tensors.megatron_logits},
+        "hf.safetensors": {"logits": tensors.hf_logits},
     }
     for name, content in files.items():
         atomic_write_bytes(directory / name, save({k: v.contiguous() for k, v in content.items()}))
 
 
-def format_summary(result: dict[str, Any]) -> str:
-    """A short human-readable report."""
-    m = result["metrics"]
-    tol = result["tolerance"]
-    lines = [
-        f"parity {result['source']}  dtype={result['dtype']}  layout={result['layout']['name']}"
-        f"  batch={result['batch']} seq={result['seq_len']}  seed={result['seed']}  tolerance={tol['name']}",
-        f"  logits      max|d|={m['logits']['max_abs']:.3e} (<= {tol['logits_max_abs']:.0e})"
-        f"  max rel={m['logits']['max_rel']:.3e}",
-        f"  activations max scaled={m['activations_max_scaled']:.3e} (<= {tol['activations_max_scaled']:.0e})",
-        f"  log-probs   KL mean={m['kl_mean']:.3e} max={m['kl_max']:.3e}  argmax agreement="
-        f"{m['argmax_agreement']:.4f}  max|d logprob|={m['max_abs_logprob']:.3e}",
-    ]
-    if m["grads_max_scaled"] is not None:
-        lines.append(
-            f"  gradients   max scaled={m['grads_max_scaled']:.3e}  (worst: {result['grads']['worst_parameter']})"
-        )
-    for note in result["notes"]:
-        lines.append(f"  note: {note}")
-    if result["pass"]:
-        lines.append("PASS")
-    else:
-        lines.append(f"FAIL: first divergence at {result['first_divergence']}")
-        lines += [f"  - {f}" for f in result["failures"]]
-    return "\n".join(lines)
-
-
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> ParityResult:
     """Run the parity check; exit code 0/1 (2 is raised as InvalidInputError)."""
     import torch
 
@@ -130,10 +105,6 @@ def run(args: argparse.Namespace) -> int:
         timeout=args.deadline,
         force=args.force,
     )
-    tensors = result.pop("_tensors")
     if args.dump:
-        write_dump(args.dump, tensors)
-    if args.json:
-        atomic_write_json(args.json, result)
-    print(format_summary(result), file=sys.stdout)
-    return 0 if result["pass"] else 1
+        write_dump(args.dump, result.tensors)
+    return result  # the CLI prints result.summary() and writes result.to_json() to --json

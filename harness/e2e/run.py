@@ -15,7 +15,7 @@ Layouts: TP = EP = 1 runs in this process; otherwise the trainer runs on ``tp x 
 batch rows (data parallel); MoE under TP uses sequence parallelism (Megatron requires it).
 
 Vocabulary: the tiny presets' 256-token vocabulary cannot hold a real tokenizer, so the run builds the
-deterministic Gemma-4-like test tokenizer (:func:`gemma4.chat.testing.build_test_tokenizer`, the Gemma 4
+deterministic Gemma-4-like test tokenizer (:func:`harness.testing.chat.build_test_tokenizer`, the Gemma 4
 special-token ids) and sets the preset's ``vocab_size`` to its size (576). Prompts come from the reference
 chat template (``add_generation_prompt``, thinking off).
 """
@@ -121,13 +121,13 @@ def validate(cfg: E2EConfig, spec: Any) -> bool:
 
 def prepare(cfg: E2EConfig, workdir: Path) -> _Setup:
     """Tokenizer + config "checkpoint" in ``workdir``, initial weights, prompts."""
-    from gemma4.chat.testing import build_test_tokenizer
     from gemma4.chat.tokenizer import load_tokenizer
     from gemma4.config import hf_text_config_from_any, text_spec_from_hf
     from gemma4.conversion.mapping import hf_to_mcore
     from harness.assets import load_gemma4_chat_template
     from harness.presets import preset_config_dict
     from harness.reference import build_reference_model, hf_text_state_dict
+    from harness.testing.chat import build_test_tokenizer
 
     # The project's own Gemma 4-format template (package data): e2e-mini needs no reference data.
     template = load_gemma4_chat_template()

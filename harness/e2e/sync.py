@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from gemma4.conversion.streaming import convert_gemma4_to_hf
 from gemma4.parallel import gather_like, global_expert_name
+from gemma4.slime.weight_sync import convert_gemma4_to_hf
 
 WRAPPER_PREFIX = "module.module."  # DDP(Float16Module(model)), as slime's names arrive
 _EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.\d+\.")

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from gemma4.errors import InvalidInputError
-from harness.goldens import chat
 from harness.goldens.outcome import INTEGRITY, LABELS, REGRESSION, Outcome, exit_code, worst_status
 from harness.goldens.progress import progress
 from harness.goldens.registry import PENDING, all_cases, family, select
@@ -100,7 +99,8 @@ def validate_recorded_config(entry: Any, case_name: str, goldens_dir: Path, forc
         raise GoldenError(str(exc)) from None
 
 
-def _check_case(case, entry, goldens_dir: Path, force: bool = False) -> Outcome:
+def check_entry(case, entry, goldens_dir: Path, force: bool = False) -> Outcome:
+    """The outcome of one case given its manifest entry (``None``: not recorded)."""
     if entry is None:
         return Outcome(
             case.name,
@@ -126,21 +126,18 @@ def check_goldens(
 ) -> CheckReport:
     """Check the selected goldens in ``goldens_dir`` (all by default)."""
     goldens_dir = Path(goldens_dir)
-    cases, delegated = select(only)
+    cases = select(only)
     notes: list[str] = []
     try:
         manifest = read_manifest(goldens_dir)
     except GoldenError as exc:
-        outcomes = [Outcome(c.name, INTEGRITY, str(exc)) for c in cases]
-        outcomes += [chat.check(goldens_dir) for d in delegated if d == chat.NAME]
-        return CheckReport(goldens_dir, outcomes, notes)
+        return CheckReport(goldens_dir, [Outcome(c.name, INTEGRITY, str(exc)) for c in cases], notes)
 
     entries = manifest["cases"]
     outcomes = [
-        _check_case(case, entries.get(case.name), goldens_dir, force)
+        check_entry(case, entries.get(case.name), goldens_dir, force)
         for case in progress(cases, "checking goldens", show_progress)
     ]
-    outcomes += [chat.check(goldens_dir) for d in delegated if d == chat.NAME]
 
     notes += _version_notes({c.name: entries[c.name] for c in cases if c.name in entries})
     known = {c.name for c in all_cases()}
@@ -161,6 +158,46 @@ def check_goldens(
     return CheckReport(goldens_dir, outcomes, notes, size)
 
 
+def check_case(goldens_dir: Path, name: str, force: bool = False) -> Outcome:
+    """The outcome of the one case called ``name`` (what the per-case pytest gate runs)."""
+    goldens_dir = Path(goldens_dir)
+    case = next((c for c in all_cases() if c.name == name), None)
+    if case is None:
+        raise InvalidInputError(f"{name!r} is not a golden case")
+    try:
+        manifest = read_manifest(goldens_dir)
+    except GoldenError as exc:
+        return Outcome(name, INTEGRITY, str(exc))
+    return check_entry(case, manifest["cases"].get(name), goldens_dir, force)
+
+
+def gate_case(goldens_dir: Path, name: str, update: bool = False) -> tuple[str, str]:
+    """The per-case test gate: ``("pass" | "skip" | "fail", message)`` for the case called ``name``.
+
+    ``skip``: reference data the case needs is unavailable (the message says how to provide it). ``fail``:
+    the outcome's message and details. With ``update``, a failing case is first re-recorded through
+    :func:`harness.goldens.record.record_goldens` (atomic, with provenance) and the message says so: the test
+    fails once, so that the rewrite is seen and reviewed. Without ``update`` nothing is written.
+    """
+    from harness.goldens.outcome import UNAVAILABLE
+    from harness.goldens.record import record_goldens
+
+    outcome = check_case(goldens_dir, name)
+    if outcome.ok:
+        return "pass", outcome.message
+    if outcome.status == UNAVAILABLE:
+        return "skip", f"{name}: {outcome.message}"
+    detail = "\n".join([f"{name}: {outcome.status}: {outcome.message}", *outcome.details[:10]])
+    if not update:
+        return "fail", detail
+    lines = record_goldens(
+        goldens_dir, [name], update=True, command="pytest --goldens-update", show_progress=False
+    )
+    return "fail", "\n".join(
+        [f"golden {name} rewritten; review the diff and rerun", *lines, f"was: {detail}"]
+    )
+
+
 def format_check(report: CheckReport) -> str:
     """The human-readable check report (one line per case, details indented, notes, verdict)."""
     width = max((len(o.case) for o in report.outcomes), default=10)
@@ -177,7 +214,7 @@ def format_check(report: CheckReport) -> str:
         0: "OK",
         1: "FAILED: regression: our code no longer reproduces a golden that HF still reproduces",
         3: "HF DRIFT: the reference moved; our model did not regress. Review, then re-record with --update",
-        4: "FAILED: a golden is missing, corrupt or unreadable",
+        4: "FAILED: a golden is missing, corrupt or unreadable, or reference data it needs is unavailable",
     }[report.exit_code]
     lines.append(f"{verdict} ({summary}; exit {report.exit_code})")
     return "\n".join(lines)

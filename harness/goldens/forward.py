@@ -112,35 +112,24 @@ class Judgement:
 def judge(
     now: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], points: list[str], spec: Any, tol: Tolerance
 ) -> Judgement:
-    """Compare ``now`` with ``ref`` at ``points`` (forward order) like ``run_parity`` does."""
-    from harness.compare import logit_stats, tensor_diff
-    from harness.parity import describe_point
+    """Compare ``now`` with ``ref`` at ``points`` (forward order) with the judge ``run_parity`` uses
+    (:func:`harness.parity.judge.judge`)."""
+    from harness.compare import logit_stats
+    from harness.parity.judge import judge as parity_judge
+    from harness.parity.judge import point_diffs
 
-    per_point: dict[str, float] = {}
-    first_bad = None
-    logits = None
-    for name in points:
-        d = tensor_diff(now[name], ref[name])
-        if name == "logits":
-            logits = d
-            value, bound, what = d.max_abs, tol.logits_max_abs, "max|d|"
-        else:
-            value, bound, what = d.scaled, tol.activations_max_scaled, "scaled error"
-        per_point[name] = value
-        if first_bad is None and not value <= bound:
-            first_bad = f"{describe_point(spec, name)} ({what} {value:.2e} > {bound:.0e})"
+    diffs = point_diffs(now, ref, points)
     stats = logit_stats(now["logits"], ref["logits"])
-    if first_bad is None and tol.kl_max is not None and not stats.kl_mean <= tol.kl_max:
-        first_bad = f"logits (mean KL {stats.kl_mean:.2e} > {tol.kl_max:.0e})"
-    acts = [v for k, v in per_point.items() if k != "logits"]
+    verdict = parity_judge(diffs, stats, tol, spec)
+    logits = diffs.get("logits")
     return Judgement(
-        ok=first_bad is None,
-        first_bad=first_bad,
+        ok=verdict.passed,
+        first_bad=verdict.first_bad,
         logits_max_abs=logits.max_abs if logits else 0.0,
         logits_max_rel=logits.max_rel if logits else 0.0,
         kl_mean=stats.kl_mean,
-        activations_max_scaled=max(acts) if acts else 0.0,
-        per_point=per_point,
+        activations_max_scaled=verdict.activations_max_scaled,
+        per_point=verdict.per_point,
     )
 
 

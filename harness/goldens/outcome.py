@@ -12,6 +12,9 @@ hf-drift   ours matches the golden but HF does not (HF moved), or ours and HF mo
            together and still agree with each other (a shared dependency or the
            reference builder moved): review, then re-record with ``--update``
 integrity  the golden is missing, corrupt (sha256), unreadable or of an unknown schema     4
+unavail-   reference data the check needs is not on this machine (the released chat       4
+able       templates under ``shared/``): the case cannot be checked, which is never a pass;
+           the message says how to provide it (leave the cases out with ``--only``)
 =========  ============================================================================  =====
 
 Exit 2 stays what it is everywhere in the CLI: invalid input (an unknown ``--only`` case, a bad flag).
@@ -35,6 +38,7 @@ PASS = "pass"
 REGRESSION = "regression"
 HF_DRIFT = "hf-drift"
 INTEGRITY = "integrity"
+UNAVAILABLE = "unavailable"
 
 # The CLI's one exit-code table (harness.exit_codes): a regression is the "check failed" code.
 EXIT_REGRESSION = EXIT_FAILED
@@ -44,10 +48,17 @@ EXIT_CODES = {
     REGRESSION: EXIT_REGRESSION,
     HF_DRIFT: EXIT_HF_DRIFT,
     INTEGRITY: EXIT_GOLDEN_BROKEN,
+    UNAVAILABLE: EXIT_GOLDEN_BROKEN,
 }
-_SEVERITY = (INTEGRITY, REGRESSION, HF_DRIFT, PASS)
+_SEVERITY = (INTEGRITY, UNAVAILABLE, REGRESSION, HF_DRIFT, PASS)
 
-LABELS = {PASS: "ok", REGRESSION: "REGRESSION", HF_DRIFT: "HF DRIFT", INTEGRITY: "BROKEN GOLDEN"}
+LABELS = {
+    PASS: "ok",
+    REGRESSION: "REGRESSION",
+    HF_DRIFT: "HF DRIFT",
+    INTEGRITY: "BROKEN GOLDEN",
+    UNAVAILABLE: "UNAVAILABLE",
+}
 
 
 @dataclass

@@ -7,8 +7,11 @@ Order of operations (so that nothing is lost on refusal or interruption):
 3. compute every selected case; check the size budget;
 4. write new content-addressed files next to the old ones;
 5. replace the manifest (``os.replace``): the commit point;
-6. remove the files the manifest no longer references;
-7. delegated families (chat) record through their own module.
+6. remove the files the manifest no longer references (and, when every case of a family was recorded with
+   ``--update``, any other file under that family's directory: leftovers of an older layout).
+
+This is the only writer of goldens: ``gemma4-harness goldens record`` and pytest's ``--goldens-update``
+(:func:`record_goldens` with one case) both come here.
 """
 
 from __future__ import annotations
@@ -19,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from gemma4.errors import InvalidInputError
-from harness.goldens import chat
 from harness.goldens.progress import progress
-from harness.goldens.registry import Case, all_cases, family, select
+from harness.goldens.registry import all_cases, family, select
 from harness.goldens.store import (
     SIZE_BUDGET_BYTES,
     GoldenError,
@@ -39,9 +41,8 @@ from harness.goldens.store import (
 )
 
 
-def _refuse_existing(goldens_dir: Path, manifest: dict, cases: list[Case], delegated: list[str]) -> None:
+def _refuse_existing(goldens_dir: Path, manifest: dict, cases: list[Any]) -> None:
     existing = [c.name for c in cases if c.name in manifest["cases"]]
-    existing += [d for d in delegated if d == chat.NAME and chat.exists(goldens_dir)]
     if existing:
         raise InvalidInputError(
             f"{goldens_dir}: golden {existing[0]!r} already exists ({len(existing)} of the selected goldens "
@@ -87,13 +88,10 @@ def record_goldens(
 ) -> list[str]:
     """Record the selected goldens into ``goldens_dir``; returns one line per case saying what changed."""
     goldens_dir = Path(goldens_dir)
-    cases, delegated = select(only)
+    cases = select(only)
     manifest = read_manifest_for_record(goldens_dir)
     if not update:
-        _refuse_existing(goldens_dir, manifest, cases, delegated)
-    for name in delegated:
-        if name == chat.NAME and chat.load_module()[0] is None:
-            raise InvalidInputError(f"chat goldens: {chat.load_module()[1]} (leave it out with --only)")
+        _refuse_existing(goldens_dir, manifest, cases)
 
     recordings = {
         c.name: family(c.family).record(c) for c in progress(cases, "recording goldens", show_progress)
@@ -103,6 +101,8 @@ def record_goldens(
     recorded_at = datetime.now(UTC).isoformat(timespec="seconds")
     new_manifest = copy.deepcopy(manifest)
     lines: list[str] = []
+    if new_manifest.pop("delegated", None) is not None:  # older manifests pointed to a separate chat manifest
+        lines.append("removed the manifest's 'delegated' field: every family lives in this manifest")
     to_write: dict[str, bytes] = {}
     for case in cases:
         rec = recordings[case.name]
@@ -120,10 +120,7 @@ def record_goldens(
             line = line.replace("unchanged ", "rewrote ", 1) + ": values unchanged, file bytes differ"
         lines.append(line)
         new_manifest["cases"][case.name] = {
-            "family": case.family,
-            "preset": case.preset,
-            "dtype": case.dtype,
-            "seed": case.seed,
+            **case.identity(),
             **rec.fields,
             "files": file_shas,
             "producer": producer,
@@ -139,9 +136,18 @@ def record_goldens(
             lines.append(f"removed {name} (no longer a golden case)")
 
     keep = referenced_files(new_manifest)
-    obsolete = (referenced_files(manifest) - keep) | {
-        rel for rel in stray_files(goldens_dir, manifest) if any(rel.startswith(c.name + ".") for c in cases)
+    chosen = {c.name for c in cases}
+    whole = {
+        f for f in {c.family for c in cases} if update and all(c.name in chosen for c in family(f).cases())
     }
+    strays = stray_files(goldens_dir, manifest) if goldens_dir.exists() else []
+    leftovers = [rel for rel in strays if rel.split("/")[0] in whole and not rel.endswith(".tmp")]
+    obsolete = (
+        (referenced_files(manifest) - keep)
+        | {rel for rel in strays if any(rel.startswith(c.name + ".") for c in cases)}
+        | set(leftovers)
+    )
+    lines += [f"removed {rel} (no case references it)" for rel in sorted(set(leftovers) - keep)]
     current = total_size(goldens_dir) if goldens_dir.exists() else 0
     projected = (
         current
@@ -163,8 +169,6 @@ def record_goldens(
     for rel in sorted(obsolete - keep):
         _remove_with_empty_parents(goldens_dir, rel)
 
-    if chat.NAME in delegated:
-        lines += chat.record(goldens_dir, update)
     lines.append(
         f"goldens: {total_size(goldens_dir) / 1e6:.2f} MB of the {SIZE_BUDGET_BYTES / 2**20:.0f} MiB budget"
     )

@@ -3,11 +3,12 @@
 A family is a module with ``NAME``, ``DESCRIPTION``, ``cases() -> list[Case]``, ``record(case) -> Recording``,
 ``check(case, entry, files, goldens_dir) -> Outcome`` and ``describe_change(case, old_files, new) -> str``.
 Adding one is a new module plus one line in :data:`FAMILY_MODULES` (one not written yet may be listed in
-:data:`PENDING`, so that ``--only`` says why it has no cases). Families owned by other packages, which keep
-their own manifest under a sub-directory, are listed in :data:`DELEGATED` (see :mod:`harness.goldens.chat`).
+:data:`PENDING`, so that ``--only`` says why it has no cases). Every family lives in the one store
+(:mod:`harness.goldens.store`): one manifest, content-addressed files, the same provenance.
 
-Case names are ``family/preset/dtype``; ``--only`` takes a case name, a family name, a prefix
-(``forward/tiny-31b``) or a shell pattern (``*/tiny-12b/*``), and may repeat.
+Case names are ``family/preset/dtype`` (model families) or ``chat/<template>/<conversation>``; ``--only``
+takes a case name, a family name, a prefix (``forward/tiny-31b``) or a shell pattern (``*/tiny-12b/*``), and
+may repeat.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ FAMILY_MODULES = {
     "rope": "harness.goldens.rope",
     "weights": "harness.goldens.weights",
     "router": "harness.goldens.router",
+    "chat": "harness.goldens.chat",
 }
-DELEGATED = {"chat": "harness.goldens.chat"}
 PENDING: dict[str, str] = {}  # family name -> why it has no cases yet
 
 
@@ -47,6 +48,10 @@ class Case:
     @property
     def name(self) -> str:
         return f"{self.family}/{self.preset}/{self.dtype}"
+
+    def identity(self) -> dict[str, Any]:
+        """The manifest fields that say which case an entry is."""
+        return {"family": self.family, "preset": self.preset, "dtype": self.dtype, "seed": self.seed}
 
 
 @dataclass
@@ -67,37 +72,34 @@ def standard_cases(family_name: str) -> list[Case]:
     return [Case(family_name, p, d) for p in GOLDEN_PRESETS for d in GOLDEN_DTYPES]
 
 
-def all_cases() -> list[Case]:
-    """Every case of every non-delegated family, in a fixed order."""
+def all_cases() -> list[Any]:
+    """Every case of every family, in a fixed order (objects with ``family``, ``name`` and ``identity()``)."""
     return [c for name in FAMILY_MODULES for c in family(name).cases()]
 
 
 def all_names() -> list[str]:
-    """Every case name plus the delegated family names."""
-    return [c.name for c in all_cases()] + list(DELEGATED)
+    """Every case name."""
+    return [c.name for c in all_cases()]
 
 
 def _matches(token: str, name: str) -> bool:
     return name == token or name.startswith(token.rstrip("/") + "/") or fnmatch.fnmatchcase(name, token)
 
 
-def select(only: list[str] | None) -> tuple[list[Case], list[str]]:
-    """Cases and delegated families chosen by ``--only`` tokens (everything when ``only`` is empty)."""
+def select(only: list[str] | None) -> list[Any]:
+    """Cases chosen by ``--only`` tokens (every case when ``only`` is empty), in the fixed order."""
     cases = all_cases()
     if not only:
-        return cases, list(DELEGATED)
-    chosen_cases: list[Case] = []
-    chosen_delegated: list[str] = []
+        return cases
+    chosen: list[Any] = []
     for token in only:
-        hit_cases = [c for c in cases if _matches(token, c.name)]
-        hit_delegated = [d for d in DELEGATED if _matches(token, d)]
-        if not hit_cases and not hit_delegated:
+        hits = [c for c in cases if _matches(token, c.name)]
+        if not hits:
             if token in PENDING:
                 raise InvalidInputError(f"--only {token!r}: {PENDING[token]}")
             raise InvalidInputError(
                 f"--only {token!r} matches no golden case; cases: {', '.join(all_names())}"
             )
-        chosen_cases += [c for c in hit_cases if c not in chosen_cases]
-        chosen_delegated += [d for d in hit_delegated if d not in chosen_delegated]
+        chosen += [c for c in hits if c not in chosen]
     order = {c.name: i for i, c in enumerate(cases)}
-    return sorted(chosen_cases, key=lambda c: order[c.name]), chosen_delegated
+    return sorted(chosen, key=lambda c: order[c.name])

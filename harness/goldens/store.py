@@ -5,7 +5,7 @@ Layout (``goldens/``)::
     manifest.json                                   schema_version, and one entry per case
     forward/tiny-31b/float64.<sha256[:12]>.safetensors
     weights/tiny-12b/float32.<sha256[:12]>.json
-    chat/...                                        delegated: its own manifest (gemma4.chat.goldens)
+    chat/standard/single_turn.<sha256[:12]>.json
 
 A case's file names carry a prefix of their sha256, so recording never overwrites a file the manifest points
 to: new files are written next to the old ones, then the manifest is replaced (``os.replace``, the commit
@@ -14,9 +14,7 @@ point), then the old files are removed. An interrupted record therefore leaves t
 
 from __future__ import annotations
 
-import hashlib
 import json
-import platform
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -24,20 +22,16 @@ import torch
 
 from gemma4.atomic_io import atomic_write_bytes
 from gemma4.errors import InvalidInputError
+from harness.provenance import producer_versions, sha256_bytes  # noqa: F401 - the one helper of each, re-exported
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 SIZE_BUDGET_BYTES = 20 * 1024 * 1024
-DELEGATED_DIRS = ("chat", "gsm8k")  # directories under goldens/ that other modules own
 
 
 class GoldenError(Exception):
-    """A golden (or the manifest) is missing, corrupt, unreadable or of an unknown schema; names the file."""
-
-
-def sha256_bytes(data: bytes) -> str:
-    """Hex sha256 of ``data``."""
-    return hashlib.sha256(data).hexdigest()
+    """A golden (or the manifest) is missing, corrupt, unreadable or of an unknown schema; names the file.
+    The one error class of every golden family."""
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -45,13 +39,6 @@ def tensor_sha256(t: torch.Tensor) -> str:
     t = t.detach().contiguous().cpu()
     head = f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}:".encode()
     return sha256_bytes(head + t.reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
-def producer_versions() -> dict[str, str]:
-    """Versions of everything that shapes a golden, and the platform."""
-    from harness.provenance import software_versions
-
-    return {**software_versions(), "platform": platform.platform(), "machine": platform.machine()}
 
 
 def case_file_name(case_name: str, suffix: str, data: bytes, digits: int = 12) -> str:
@@ -87,7 +74,6 @@ def empty_manifest() -> dict[str, Any]:
             "Written only by `gemma4-harness goldens record`; checked by `gemma4-harness goldens check`."
         ),
         "size_budget_bytes": SIZE_BUDGET_BYTES,
-        "delegated": {"chat": "chat/manifest.json (gemma4.chat.goldens)"},
         "cases": {},
     }
 
@@ -205,17 +191,17 @@ def referenced_files(manifest: dict[str, Any]) -> set[str]:
 
 
 def stray_files(goldens_dir: Path, manifest: dict[str, Any]) -> list[str]:
-    """Files under ``goldens_dir`` that no case points to (delegated directories and temp files excluded)."""
+    """Files under ``goldens_dir`` that no case points to."""
     known = referenced_files(manifest) | {MANIFEST}
     out = []
     for path in sorted(goldens_dir.rglob("*")):
         rel = path.relative_to(goldens_dir).as_posix()
-        if not path.is_file() or rel.split("/")[0] in DELEGATED_DIRS or rel in known:
+        if not path.is_file() or rel in known:
             continue
         out.append(rel)
     return out
 
 
 def total_size(goldens_dir: Path) -> int:
-    """Bytes of every file under ``goldens_dir`` (delegated directories included)."""
+    """Bytes of every file under ``goldens_dir``."""
     return sum(p.stat().st_size for p in goldens_dir.rglob("*") if p.is_file())

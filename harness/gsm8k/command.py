@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gemma4.slime.model_args import read_model_args, script_path
+from harness.gsm8k.model_args import read_model_args, script_path
 from harness.gsm8k.variants import VARIANTS, RunSettings, Variant
 
 REPO = Path(__file__).resolve().parents[2]

@@ -22,8 +22,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from harness.gsm8k.golden import GateBounds
 from harness.gsm8k.metrics import ParsedMetrics, is_finite_number
+from harness.tolerances import GateBounds
 
 PPO_KL = "train/ppo_kl"
 LOGPROB_DIFF = "train/train_rollout_logprob_abs_diff"

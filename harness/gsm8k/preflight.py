@@ -19,8 +19,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from gemma4.slime.model_args import read_model_args, script_path
+from gemma4.config import CONFIG_FILE, read_hf_config
+from gemma4.errors import InvalidInputError
 from harness.gsm8k.command import Plan, resolved_env
+from harness.gsm8k.model_args import read_model_args, script_path
 
 MODULES = {
     "slime": "slime (THUDM/slime checkout on PYTHONPATH or pip install -e)",
@@ -135,11 +137,13 @@ def check_checkpoint(path: Path | None, variant: str) -> list[Problem]:
     if not path.is_dir():
         return [Problem("checkpoint", f"{path}: directory not found")]
     problems = []
+    config_path = path / CONFIG_FILE
     try:
-        raw = json.loads((path / "config.json").read_text())
-        text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
-        return [Problem("checkpoint", f"{path / 'config.json'}: missing or unreadable ({exc})")]
+        config = read_hf_config(config_path)  # the product's one config.json reader (no model built here)
+    except InvalidInputError as exc:
+        why = str(exc).removeprefix(f"{config_path}: ")
+        return [Problem("checkpoint", f"{config_path}: missing or unreadable ({why})")]
+    raw, text = config.raw, config.text
     model_type = raw.get("model_type")
     if model_type not in GEMMA4_MODEL_TYPES:
         problems.append(
@@ -203,12 +207,8 @@ def check_dataset(
     return [Problem(what, f"{path}: first row lacks {missing} (--input-key/--label-key)")] if missing else []
 
 
-def preflight(
-    plan: Plan, gates_path: Path | None = None, inventory=None, check_packages: bool = True
-) -> list[Problem]:
+def preflight(plan: Plan, inventory=None, check_packages: bool = True) -> list[Problem]:
     """Every problem that would stop or spoil the run (empty list: go)."""
-    from harness.gsm8k.golden import GATES_FILE, GoldenError, load_bounds
-
     v, o, s = plan.variant, plan.options, plan.settings
     problems = check_gpus(v.gpus, v.min_gpu_memory_gib, inventory)
     train = plan.steps[-1]
@@ -235,10 +235,6 @@ def preflight(
                 f"{o.mcore_checkpoint}: no latest_checkpointed_iteration.txt (Megatron load dir)",
             )
         )
-    try:
-        load_bounds(gates_path or GATES_FILE)
-    except GoldenError as exc:
-        problems.append(Problem("gates golden", str(exc)))
     try:
         plan.workdir.mkdir(parents=True, exist_ok=True)
         probe = plan.workdir / ".write-test"

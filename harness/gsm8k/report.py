@@ -8,8 +8,8 @@ from typing import Any
 
 from gemma4.atomic_io import atomic_write_text
 from harness.gsm8k.gates import Gate, RunOutcome, passed
-from harness.gsm8k.golden import GateBounds
 from harness.gsm8k.metrics import ParsedMetrics
+from harness.tolerances import GateBounds
 
 LABEL = {True: "PASS", False: "FAIL", None: "REPORTED"}
 HEADLINE = ("train/ppo_kl", "train/train_rollout_logprob_abs_diff", "train/loss", "train/grad_norm")

@@ -1,15 +1,21 @@
 """How our side of a parity run is laid out: tensor/context/expert parallel sizes, sequence parallelism,
 packed documents, recompute; and the refusals of layouts the model cannot run.
 
-Import-light (no torch): the CLI builds its help texts from the layout registry without loading models.
+Import-light (no torch at module level): the CLI builds its help texts from the layout registry
+(``harness/report/layouts.py``) without loading models; :func:`pad_weights` imports torch when called.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from gemma4.config import Gemma4TextSpec
 from gemma4.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -79,3 +85,45 @@ def validate_layout(spec: Gemma4TextSpec, layout: RunLayout, batch: int, seq_len
     lengths = list(layout.packed) if layout.packed else [seq_len]
     if layout.packed and any(n < 2 for n in lengths):
         raise InvalidInputError(f"--packed: every document needs >= 2 tokens, got {lengths}")
+
+
+def _ceil_to(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+def tp_padding(spec: Gemma4TextSpec, tp: int) -> Gemma4TextSpec:
+    """The spec our model is built with under TP: vocabularies and MLP widths rounded up to a multiple of TP
+    (Megatron pads the vocabulary the same way). Padded rows/columns are zero, so the math is unchanged;
+    padded vocabulary entries are cut from the logits before anything is compared or trained."""
+    if tp == 1:
+        return spec
+    return dataclasses.replace(
+        spec,
+        vocab_size=_ceil_to(spec.vocab_size, tp),
+        ple_vocab_size=_ceil_to(spec.ple_vocab_size, tp) if spec.ple_vocab_size else 0,
+        intermediate_size=_ceil_to(spec.intermediate_size, tp),
+        intermediate_sizes=tuple(_ceil_to(i, tp) for i in spec.intermediate_sizes),
+        moe_intermediate_size=_ceil_to(spec.moe_intermediate_size, tp)
+        if spec.moe_intermediate_size
+        else None,
+    )
+
+
+def pad_weights(full: dict[str, torch.Tensor], tp: int) -> dict[str, torch.Tensor]:
+    """Zero-pad TP = 1 Megatron tensors to the :func:`tp_padding` sizes (vocab rows, GLU halves, fc2 columns)."""
+    if tp == 1:
+        return full
+    import torch
+
+    out = {}
+    for name, t in full.items():
+        if name in ("embedding.word_embeddings.weight", "output_layer.weight", "per_layer_embedding.weight"):
+            t = torch.nn.functional.pad(t, (0, 0, 0, _ceil_to(t.shape[0], tp) - t.shape[0]))
+        elif name.endswith("linear_fc1.weight"):  # [gate; up]: pad each half
+            gate, up = t.chunk(2, dim=0)
+            extra = _ceil_to(gate.shape[0], tp) - gate.shape[0]
+            t = torch.cat([torch.nn.functional.pad(h, (0, 0, 0, extra)) for h in (gate, up)])
+        elif name.endswith("linear_fc2.weight"):
+            t = torch.nn.functional.pad(t, (0, _ceil_to(t.shape[1], tp) - t.shape[1]))
+        out[name] = t
+    return out

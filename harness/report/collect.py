@@ -5,11 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from harness.goldens.progress import progress
+
+if TYPE_CHECKING:
+    from harness.parity.result import ParityResult
 
 
 def shorten(text: str, limit: int = 400) -> str:
@@ -24,7 +27,7 @@ class ParityRow:
     preset: str
     dtype: str
     layout: str
-    result: dict[str, Any] | None = None  # run_parity's result without ``_tensors``
+    result: ParityResult | None = None  # read by JSON key (``result["metrics"]``) in render and plots
     error: str | None = None  # the run raised instead of returning
     per_position: list[float] = field(default_factory=list)  # logits max|ours - HF| per token position
     logits: torch.Tensor | None = None  # ours, kept for the layout-equivalence comparison
@@ -35,6 +38,11 @@ class ParityRow:
     def passed(self) -> bool:
         return self.error is None and self.result is not None and bool(self.result["pass"])
 
+    def result_json(self) -> dict[str, Any] | None:
+        """The parity result's JSON form (``results.json``)."""
+        r = self.result
+        return r.to_json() if hasattr(r, "to_json") else r
+
     def to_json(self) -> dict[str, Any]:
         return {
             "preset": self.preset,
@@ -44,7 +52,7 @@ class ParityRow:
             "error": self.error,
             "per_position": self.per_position,
             "sliding_window": self.sliding_window,
-            "result": self.result,
+            "result": self.result_json(),
         }
 
 
@@ -143,11 +151,10 @@ def run_row(
     except Exception as exc:
         row.error = f"{type(exc).__name__}: {exc}"
         return row
-    tensors = result.pop("_tensors")
     row.result = result
-    row.logits = tensors["megatron_logits"]
-    row.input_ids = tensors.get("input_ids")
-    row.per_position = per_position_error(tensors["megatron_logits"], tensors["hf_logits"])
+    row.logits = result.tensors.megatron_logits
+    row.input_ids = result.tensors.input_ids
+    row.per_position = per_position_error(result.tensors.megatron_logits, result.tensors.hf_logits)
     return row
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from gemma4.errors import InvalidInputError
-from harness.layout import RunLayout
+from harness.parity.layout import RunLayout
 
 
 def _moe(preset: str) -> bool:

@@ -163,7 +163,7 @@ def streaming_failures(
 ) -> list[str]:
     """Feed every Megatron parameter and persistent buffer (slime-style global names) to the streaming
     converter; the output must be HF's state dict, every key exactly once, tensor for tensor."""
-    from gemma4.conversion.streaming import ExpertStacker, convert_gemma4_to_hf, resolve_target
+    from gemma4.slime.weight_sync import ExpertStacker, convert_gemma4_to_hf, resolve_target
 
     spec, _ = resolve_target(args)
     produced: list[tuple[str, torch.Tensor]] = []

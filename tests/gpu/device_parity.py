@@ -46,7 +46,7 @@ def _free(device: torch.device) -> None:
 
 def default_build(hf_config: Any, dtype: torch.dtype, backend: str = "auto") -> torch.nn.Module:
     """Our model through the slime model provider (flags -> args -> TransformerConfig -> build_model)."""
-    from gemma4.slime.testing import provider_model
+    from harness.testing.slime import provider_model
 
     return provider_model(hf_config, dtype, gemma4_attention_backend=backend)
 
@@ -314,7 +314,7 @@ def _cp_worker(rank, world, port, hf_config, dtype, mcore_weights, ids, cu, pack
 
         from gemma4.conversion.mapping import load_mcore_state_dict
         from gemma4.model.sequence_layout import shard_for_cp
-        from gemma4.slime.testing import provider_model
+        from harness.testing.slime import provider_model
 
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         torch.cuda.set_device(rank)

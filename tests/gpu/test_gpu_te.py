@@ -20,7 +20,7 @@ def _require_te() -> None:
 
 
 def _te_build(hf_config, dtype, backend="auto"):
-    from gemma4.slime.testing import provider_model
+    from harness.testing.slime import provider_model
 
     return provider_model(
         hf_config, dtype, transformer_impl="transformer_engine", gemma4_attention_backend=backend

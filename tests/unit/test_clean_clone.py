@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from gemma4.chat.templates import REPO_ROOT, REQUIRE_SHARED_ENV, SHARED_DIR_ENV
+from harness.reference_data import REPO_ROOT, REQUIRE_SHARED_ENV, SHARED_DIR_ENV
 
 # A representative subset that fits in about a minute of one core: loss masks on the project's own template
 # (and, skipped here, on the released ones), the goldens (skipped: recorded with the released templates), the
@@ -27,7 +27,7 @@ from gemma4.chat.templates import REPO_ROOT, REQUIRE_SHARED_ENV, SHARED_DIR_ENV
 SUBSET = (
     "tests/unit/chat/test_own_template.py",
     "tests/unit/chat/test_chat_mask_examples.py",
-    "tests/unit/chat/test_chat_goldens.py",
+    "tests/unit/goldens/test_goldens_chat.py",
     "tests/unit/chat/test_chat_slime.py",
     "tests/unit/slime/test_slime_loader_hooks.py::test_loss_mask_type_gemma4_is_ours",
     "tests/unit/e2e/test_e2e_cli.py::test_pass_writes_json_with_the_measured_values",

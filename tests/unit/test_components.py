@@ -219,3 +219,60 @@ def test_softcap_matches_hf_head():
     assert b.abs().max() > 5.0  # the cap is active
     assert torch.equal(softcap(b, 5.0), a)
     assert softcap(b, None) is b
+
+
+# ---- Megatron API surface ------------------------------------------------------------------------------
+
+
+def _megatron_private_overrides(cls: type) -> list[str]:
+    """Methods ``cls`` itself defines named ``_x`` (not dunders) that a Megatron base class of it also
+    defines: overriding those ties us to Megatron internals that change between releases."""
+    import inspect
+
+    bases = [b for b in cls.__mro__[1:] if b.__module__.split(".")[0] == "megatron"]
+    found = []
+    for name, value in vars(cls).items():
+        if not name.startswith("_") or (name.startswith("__") and name.endswith("__")):
+            continue
+        if not (inspect.isfunction(value) or isinstance(value, (property, staticmethod, classmethod))):
+            continue  # e.g. ABCMeta's per-class ``_abc_impl``
+        found += [
+            f"{cls.__module__}.{cls.__qualname__}.{name} (private in {b.__qualname__})"
+            for b in bases
+            if name in vars(b)
+        ]
+    return found
+
+
+def _gemma4_model_classes() -> list[type]:
+    import importlib
+    import inspect
+    import pkgutil
+
+    import gemma4.model
+
+    classes = []
+    for info in pkgutil.iter_modules(gemma4.model.__path__):
+        module = importlib.import_module(f"gemma4.model.{info.name}")
+        classes += [
+            c for c in vars(module).values() if inspect.isclass(c) and c.__module__ == module.__name__
+        ]
+    return classes
+
+
+def test_no_gemma4_model_class_overrides_a_megatron_private():
+    """Catches: a private Megatron method overridden again (e.g. ``GPTModel._preprocess``, whose signature
+    and call sites changed between releases; slime runs a newer Megatron). Use public methods/arguments."""
+    from gemma4.model.gpt_model import Gemma4Model
+
+    classes = _gemma4_model_classes()
+    assert Gemma4Model in classes and len(classes) >= 10
+    offenders = [o for cls in classes for o in _megatron_private_overrides(cls)]
+    assert not offenders, offenders
+    # The check itself sees an override, also of a deeper Megatron base's (LanguageModule) private.
+    planted = type(
+        "Planted",
+        (Gemma4Model,),
+        {"_preprocess": lambda self: None, "_set_attention_backend": lambda self: None},
+    )
+    assert len(_megatron_private_overrides(planted)) == 2

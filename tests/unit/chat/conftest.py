@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
-from gemma4.chat.templates import REFERENCE_TEMPLATES, load_template
-from gemma4.chat.testing import build_test_tokenizer
+from gemma4.chat.templates import load_template
 from gemma4.chat.tokenizer import load_tokenizer
 from harness.assets import load_gemma4_chat_template
+from harness.reference_data import REFERENCE_TEMPLATES
+from harness.testing.chat import build_test_tokenizer
 
 #: Key of the project's own template in the ``templates`` fixture.
 OWN = "own"

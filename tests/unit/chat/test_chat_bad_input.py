@@ -12,9 +12,9 @@ import pytest
 
 from gemma4.chat import tokens as T
 from gemma4.chat.mask import RenderMismatchError, RenderMismatchWarning, build_chat_mask
-from gemma4.chat.testing import build_test_tokenizer
 from gemma4.chat.tokenizer import load_tokenizer
 from gemma4.errors import InvalidInputError
+from harness.testing.chat import build_test_tokenizer
 
 CHATML = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 HELLO = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from gemma4.chat.corpus import CASES
 from gemma4.chat.mask import build_chat_mask
-from gemma4.chat.templates import REPO_ROOT
+from harness.reference_data import REPO_ROOT
+from harness.testing.chat_corpus import CASES
 
 CASE = {case.name: case for case in CASES}
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from gemma4.chat.corpus import CASES, WEATHER_TOOL
 from gemma4.chat.mask import ChatMask, RenderMismatchError, RenderMismatchWarning, build_chat_mask
+from harness.testing.chat_corpus import CASES, WEATHER_TOOL
 
 # The project's own template and both released ones (those skip, or fail in CI, without the reference data).
 EVERY_TEMPLATE = pytest.mark.parametrize("template_name", ["own", "standard", "interleaved_31b"])

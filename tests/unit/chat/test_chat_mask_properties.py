@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gemma4.chat.corpus import SEARCH_TOOL, WEATHER_TOOL
 from gemma4.chat.mask import build_chat_mask
+from harness.testing.chat_corpus import SEARCH_TOOL, WEATHER_TOOL
 
 # The project's own template, and both released ones (skipped, or failed in CI, without the reference data).
 TEMPLATE_NAMES = ("own", "standard", "interleaved_31b")

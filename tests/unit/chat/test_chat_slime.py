@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from gemma4.chat.corpus import CASES
 from gemma4.chat.mask import build_chat_mask
-from gemma4.chat.slime import Gemma4LossMaskGenerator, rollout_loss_mask
 from gemma4.errors import InvalidInputError
+from gemma4.slime.loss_mask import Gemma4LossMaskGenerator, rollout_loss_mask
+from harness.testing.chat_corpus import CASES
 
 CASE = {case.name: case for case in CASES}
 

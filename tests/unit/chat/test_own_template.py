@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from gemma4.chat.corpus import CASES
 from gemma4.chat.templates import check_gemma4_template
 from harness.assets import gemma4_chat_template_path, load_gemma4_chat_template
+from harness.testing.chat_corpus import CASES
 
 # Where the two templates differ on purpose: media placeholders (ours writes them bare), tool declarations
 # (ours writes parameters as one structured value), and the generation prompt after a message that has tool

@@ -22,7 +22,11 @@ from safetensors.torch import load_file, save_file
 from gemma4.config import text_spec_from_any
 from gemma4.conversion import sharding
 from gemma4.conversion.mcore_io import MANIFEST, plan
-from gemma4.conversion.testing import (
+from gemma4.errors import InvalidInputError
+from harness.cli import main
+from harness.presets import PRESETS, preset_config_dict
+from harness.strategies import dense_configs, moe_configs
+from harness.testing.conversion import (
     logits_failures,
     roundtrip_failures,
     save_hf_checkpoint,
@@ -30,10 +34,6 @@ from gemma4.conversion.testing import (
     stored_tensors,
     text_relative,
 )
-from gemma4.errors import InvalidInputError
-from harness.cli import main
-from harness.presets import PRESETS, preset_config_dict
-from harness.strategies import dense_configs, moe_configs
 
 #: The CLI's one-line refusal: ``gemma4-harness convert[ <direction>]: error: ...``.
 ONE_LINE_ERROR = re.compile(r"gemma4-harness convert( [a-z-]+)?: error: ")

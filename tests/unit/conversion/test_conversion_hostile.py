@@ -30,10 +30,10 @@ import pytest
 import torch
 
 from gemma4.conversion.mcore_io import MANIFEST
-from gemma4.conversion.testing import save_hf_checkpoint, state_dict_failures, stored_tensors
 from gemma4.errors import InvalidInputError
 from harness.cli import main
 from harness.presets import preset_config_dict
+from harness.testing.conversion import save_hf_checkpoint, state_dict_failures, stored_tensors
 
 #: The CLI's one-line refusal: ``gemma4-harness convert[ <direction>]: error: ...``.
 ONE_LINE_ERROR = re.compile(r"gemma4-harness convert( [a-z-]+)?: error: ")
@@ -422,9 +422,9 @@ def test_hostile_json_in_a_safetensors_header_is_refused(ckpt, tmp_path, capsys,
 @pytest.mark.parametrize("bad", ["deep", "nan"])
 def test_hostile_config_for_weight_sync_and_loader_is_refused(built, tmp_path, bad):
     """slime's streaming converter and loader read ``config.json`` from a path too."""
-    from gemma4.conversion.streaming import convert_gemma4_to_hf
-    from gemma4.conversion.testing import slime_args
     from gemma4.slime.loader import gemma4_hf_tensor
+    from gemma4.slime.weight_sync import convert_gemma4_to_hf
+    from harness.testing.conversion import slime_args
 
     cfg_path = tmp_path / "config.json"
     if bad == "deep":

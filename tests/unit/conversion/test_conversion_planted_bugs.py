@@ -12,9 +12,9 @@ import torch
 
 import gemma4.conversion.mapping as mapping
 import gemma4.conversion.sharding as sharding
-from gemma4.conversion.testing import logits_failures, roundtrip_failures, save_hf_checkpoint, slime_args
 from gemma4.errors import InvalidInputError
 from harness.presets import preset_config_dict
+from harness.testing.conversion import logits_failures, roundtrip_failures, save_hf_checkpoint, slime_args
 
 
 def qkv_not_interleaved(mp):

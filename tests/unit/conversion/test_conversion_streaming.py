@@ -10,23 +10,23 @@ from hypothesis import given, settings
 
 from gemma4.config import hf_text_config_from_any, text_spec_from_any
 from gemma4.conversion import mapping
-from gemma4.conversion.streaming import (
+from gemma4.errors import InvalidInputError
+from gemma4.slime.weight_sync import (
     MODEL_NAMES,
     ExpertStacker,
     convert_gemma4_to_hf,
     convert_to_hf,
     get_converter,
 )
-from gemma4.conversion.testing import (
+from harness.presets import PRESETS, preset_config_dict
+from harness.reference import build_reference_model, hf_text_state_dict
+from harness.strategies import dense_configs
+from harness.testing.conversion import (
     key_contract_failures,
     megatron_state_from_hf,
     slime_args,
     streaming_failures,
 )
-from gemma4.errors import InvalidInputError
-from harness.presets import PRESETS, preset_config_dict
-from harness.reference import build_reference_model, hf_text_state_dict
-from harness.strategies import dense_configs
 
 
 def _hf_full(cfg, prefix: str = "model.", seed: int = 0, dtype=torch.float32):
@@ -206,7 +206,7 @@ def test_rewritten_config_is_reread(tmp_path):
     import json
     import types
 
-    from gemma4.conversion.streaming import resolve_target
+    from gemma4.slime.weight_sync import resolve_target
     from harness.presets import preset_config_dict
 
     cfg = preset_config_dict("tiny-31b")

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from gemma4.conversion.mcore_io import MANIFEST
-from gemma4.conversion.testing import logits_failures, roundtrip_failures, save_hf_checkpoint
 from harness.cli import main
 from harness.presets import PRESETS, preset_config_dict
+from harness.testing.conversion import logits_failures, roundtrip_failures, save_hf_checkpoint
 
 
 def run(argv, capsys):

@@ -86,6 +86,38 @@ def test_recompute_really_recomputes(monkeypatch):
     assert len(calls) == 10  # one checkpoint per layer
 
 
+def test_carry_reaches_the_block_as_an_argument_not_instance_state():
+    """The carry is built in ``forward`` and handed to ``TransformerBlock.forward`` as ``context`` (a public
+    argument): no attribute of the model changes during the call (an instance side channel would), and
+    the first layer gets it with the layout's size. Megatron's combined-1F1B schedule plan, which would
+    bypass both our forward and our layer forward, is refused."""
+    from gemma4.model.build import build_gemma4_model
+    from gemma4.model.carry import carry_layout
+
+    spec = resolve_source(preset="tiny-e2b").spec
+    model = build_gemma4_model(spec, torch.float64)
+    before = {k: id(v) for k, v in vars(model).items()}
+    seen = {}
+
+    def block_hook(module, args, kwargs):
+        seen["during"] = {k: id(v) for k, v in vars(model).items()}
+        seen["block_context"] = kwargs.get("context")
+
+    def layer_hook(module, args, kwargs):
+        seen["layer_context"] = kwargs.get("context")
+
+    model.decoder.register_forward_pre_hook(block_hook, with_kwargs=True)
+    model.decoder.layers[0].register_forward_pre_hook(layer_hook, with_kwargs=True)
+    ids = torch.randint(0, spec.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
+    logits = model(ids)
+    assert logits.shape == (2, 5, spec.vocab_size)
+    assert seen["during"] == before == {k: id(v) for k, v in vars(model).items()}
+    assert seen["layer_context"] is seen["block_context"]
+    assert seen["block_context"].shape == (carry_layout(spec, 5, 5, 2, 1).numel,)
+    with pytest.raises(NotImplementedError, match="schedule plan"):
+        model.build_schedule_plan(ids, None, None)
+
+
 # ---- planted bugs ----------------------------------------------------------------------------------------
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from gemma4.slime.model_args import read_model_args, script_path
-from harness.gsm8k import cli
+from harness.cli import main as cli_main
 from harness.gsm8k.command import REPO, Options, build_plan, resolved_env
+from harness.gsm8k.model_args import read_model_args, script_path
 from harness.gsm8k.variants import VARIANTS
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
@@ -29,7 +29,7 @@ PATHS = [
 
 
 def _dry_run(variant: str, capsys, extra=()) -> str:
-    assert cli.main(["--variant", variant, *PATHS, *extra, "--dry-run"]) == 0
+    assert cli_main(["e2e-gsm8k", "--variant", variant, *PATHS, *extra, "--dry-run"]) == 0
     out = capsys.readouterr().out
     return out.replace(sys.executable, "<python>").replace(str(REPO), "<repo>")
 
@@ -107,15 +107,15 @@ def test_existing_megatron_checkpoint_skips_the_conversion_and_eval_is_optional(
 
 def test_dry_run_without_paths_names_what_is_unset(capsys, nothing_runs, monkeypatch):
     monkeypatch.setattr("harness.gsm8k.command.default_slime_dir", lambda: None)
-    assert cli.main(["--variant", "tiny", "--dry-run"]) == 0
+    assert cli_main(["e2e-gsm8k", "--variant", "tiny", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "unset        --hf-checkpoint, --dataset, --slime-dir" in out and "<--slime-dir>/train.py" in out
 
 
 def test_bad_arguments_exit_2(capsys):
-    assert cli.main(["--dry-run"]) == 2
+    assert cli_main(["e2e-gsm8k", "--dry-run"]) == 2
     assert "--variant is required" in capsys.readouterr().err
-    assert cli.main(["--variant", "tiny", "--num-rollout", "0", "--dry-run"]) == 2
+    assert cli_main(["e2e-gsm8k", "--variant", "tiny", "--num-rollout", "0", "--dry-run"]) == 2
 
 
 def test_step_shell_line_is_copy_pasteable():

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.gsm8k.cli import main as e2e_main
+from harness.cli import main as cli_main
 from harness.gsm8k.gates import RunOutcome, evaluate, passed
-from harness.gsm8k.golden import load_bounds
 from harness.gsm8k.metrics import parse_line, parse_lines
+from harness.tolerances import GSM8K_GATES
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -22,7 +22,7 @@ def _parse(name: str):
 
 def _gates(name: str, variant: str = "31b", outcome: RunOutcome | None = None, strict: bool = False):
     outcome = outcome or RunOutcome(0, "exited")
-    return {g.name: g for g in evaluate(_parse(name), outcome, load_bounds(), variant, 3, strict)}
+    return {g.name: g for g in evaluate(_parse(name), outcome, GSM8K_GATES, variant, 3, strict)}
 
 
 def test_parser_reads_slimes_lines_behind_prefixes():
@@ -87,12 +87,12 @@ def test_a_hang_is_a_failed_process_and_a_short_run():
 
 
 def test_never_pass_without_running():
-    gates = evaluate(parse_lines([]), RunOutcome(0, "exited"), load_bounds(), "31b", 3)
+    gates = evaluate(parse_lines([]), RunOutcome(0, "exited"), GSM8K_GATES, "31b", 3)
     failed = {g.name for g in gates if g.passed is False}
     assert {"ran", "ppo_kl_step0", "logprob_abs_diff", "raw_reward"} <= failed
     assert not passed(gates)
-    assert not passed(evaluate(_parse("passing.log"), RunOutcome(1, "exited"), load_bounds(), "31b", 3))
-    assert not passed(evaluate(_parse("passing.log"), RunOutcome(0, "exited"), load_bounds(), "31b", 4))
+    assert not passed(evaluate(_parse("passing.log"), RunOutcome(1, "exited"), GSM8K_GATES, "31b", 3))
+    assert not passed(evaluate(_parse("passing.log"), RunOutcome(0, "exited"), GSM8K_GATES, "31b", 4))
 
 
 def test_tiny_reward_is_reported_not_gated():
@@ -123,7 +123,7 @@ def test_cli_parse_log(fixture, code, exit_code, tmp_path, capsys):
         "--json",
         str(report),
     ]
-    assert e2e_main(argv) == exit_code
+    assert cli_main(["e2e-gsm8k", *argv]) == exit_code
     data = json.loads(report.read_text())
     assert data["pass"] is (exit_code == 0) and data["variant"] == "31b"
     assert "step 2:" in capsys.readouterr().out

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.gsm8k import cli
+from harness.cli import main as cli_main
 from harness.gsm8k.command import Options, build_plan
 from harness.gsm8k.preflight import check_checkpoint, check_dataset, check_gpus, preflight
 from harness.gsm8k.variants import tiny_e2e_config
@@ -104,7 +104,7 @@ def test_failed_preflight_exits_1_and_starts_nothing(tmp_path, monkeypatch, caps
 
     monkeypatch.setattr("harness.gsm8k.launcher.run_step", refuse)
     monkeypatch.setattr("harness.gsm8k.preflight.gpu_inventory", lambda: (None, "nvidia-smi not found"))
-    assert cli.main(["--variant", "tiny", "--workdir", str(tmp_path / "w")]) == 1
+    assert cli_main(["e2e-gsm8k", "--variant", "tiny", "--workdir", str(tmp_path / "w")]) == 1
     err = capsys.readouterr().err
     assert (
         "preflight FAILED, nothing was started" in err and "GPUs:" in err and "checkpoint: not given" in err
@@ -112,12 +112,12 @@ def test_failed_preflight_exits_1_and_starts_nothing(tmp_path, monkeypatch, caps
 
 
 def test_tiny_checkpoint_is_described_by_the_tiny_script(tmp_path):
-    from gemma4.chat.testing import build_test_tokenizer
     from gemma4.config import text_spec_from_any
     from gemma4.slime.args import check_args
-    from gemma4.slime.model_args import read_model_args, script_path
-    from gemma4.slime.testing import parse_megatron_flags
+    from harness.gsm8k.model_args import read_model_args, script_path
     from harness.gsm8k.tiny import write_tiny_checkpoint
+    from harness.testing.chat import build_test_tokenizer
+    from harness.testing.slime import parse_megatron_flags
 
     tok = build_test_tokenizer(tmp_path / "tok")
     out = tmp_path / "tiny"
@@ -130,9 +130,9 @@ def test_tiny_checkpoint_is_described_by_the_tiny_script(tmp_path):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torch_dist save uses Linux multiprocessing")
 def test_prepare_writes_a_megatron_load_dir_last_and_reuses_it(tmp_path):
-    from gemma4.conversion.testing import save_hf_checkpoint
     from harness.gsm8k.prepare import RELEASE, TRACKER, prepare
     from harness.presets import preset_config_dict
+    from harness.testing.conversion import save_hf_checkpoint
 
     hf = save_hf_checkpoint(tmp_path / "hf", preset_config_dict("tiny-12b"))
     ref = tmp_path / "ref"

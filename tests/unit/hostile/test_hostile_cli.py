@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +23,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gemma4.conversion.testing import save_hf_checkpoint
 from harness.cli import main
 from harness.exit_codes import (
     EXIT_FAILED,
@@ -32,6 +32,7 @@ from harness.exit_codes import (
     EXIT_TERMINATED,
 )
 from harness.presets import PRESETS, preset_config_dict
+from harness.testing.conversion import save_hf_checkpoint
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -313,7 +314,7 @@ def _hang(*args, **kwargs):
 
 @pytest.mark.xdist_group("multiprocess")
 def test_failed_rank_exits_5_naming_the_rank(monkeypatch, capsys):
-    monkeypatch.setattr("harness.parity.run_megatron_rank", _boom)
+    monkeypatch.setattr("harness.parity.megatron_side.run_megatron_rank", _boom)
     rc, _, err = run(["parity", "--preset", "tiny-31b", "--tp", "2", "--seq-len", "8"], capsys)
     assert rc == EXIT_RANK_FAILED, err
     assert "rank 1" in err and "planted failure on rank 1" in err and "Traceback" not in err
@@ -322,14 +323,16 @@ def test_failed_rank_exits_5_naming_the_rank(monkeypatch, capsys):
 
 @pytest.mark.xdist_group("multiprocess")
 def test_hung_rank_is_stopped_at_the_deadline_flag(monkeypatch, capsys):
-    monkeypatch.setattr("harness.parity.run_megatron_rank", _hang)
+    monkeypatch.setattr("harness.parity.megatron_side.run_megatron_rank", _hang)
     t0 = time.perf_counter()
     rc, _, err = run(
-        ["parity", "--preset", "tiny-31b", "--tp", "2", "--seq-len", "8", "--deadline", "3"], capsys
+        ["parity", "--preset", "tiny-31b", "--tp", "2", "--seq-len", "8", "--deadline", "10"], capsys
     )
     assert rc == EXIT_RANK_FAILED, err
     assert time.perf_counter() - t0 < 60
-    assert "rank 1" in err and "Traceback" not in err
+    # rank 1 is named; under heavy load rank 0 may still be starting at the deadline and be named too
+    assert "did not finish within the 10 s deadline" in err and "Traceback" not in err
+    assert re.search(r"ranks? (\d+, )*1\b", err), err
 
 
 # ---- defect 7: numbers that crashed --------------------------------------------------------------------
@@ -419,7 +422,7 @@ def test_non_finite_output_of_ours_is_a_failure_never_a_pass(monkeypatch):
     """A NaN in our logits or activations fails parity (a comparison with NaN is False both ways)."""
     import harness.parity as parity
 
-    real = parity._assemble
+    real = parity.megatron_side._assemble
 
     def poisoned(results, layout, seq):
         logits, acts = real(results, layout, seq)
@@ -429,7 +432,7 @@ def test_non_finite_output_of_ours_is_a_failure_never_a_pass(monkeypatch):
         acts["layer.2.mlp"] = acts["layer.2.mlp"].clone().fill_(float("nan"))
         return logits, acts
 
-    monkeypatch.setattr(parity, "_assemble", poisoned)
+    monkeypatch.setattr(parity.megatron_side, "_assemble", poisoned)
     result = parity.run_parity(parity.resolve_source(preset="tiny-31b"), torch.float64, seq_len=8)
     assert result["pass"] is False
     assert result["first_divergence"] == "layer 2 (sliding_attention) mlp"
@@ -440,14 +443,14 @@ def test_non_finite_reference_is_input_not_the_port(monkeypatch):
     import harness.parity as parity
     from gemma4.errors import InvalidInputError
 
-    real = parity.run_reference
+    real = parity.reference_side.run_reference
 
     def overflowing(hf, ids, cu, packed, grads):
         logits, acts = real(hf, ids, cu, packed, grads)
         acts["layer.1.attention"] = acts["layer.1.attention"] * float("inf")
         return logits, acts
 
-    monkeypatch.setattr(parity, "run_reference", overflowing)
+    monkeypatch.setattr(parity.reference_side, "run_reference", overflowing)
     with pytest.raises(InvalidInputError, match=r"HF reference itself is non-finite at layer 1 .* attention"):
         parity.run_parity(parity.resolve_source(preset="tiny-31b"), torch.float64, seq_len=8)
 
@@ -491,10 +494,10 @@ def test_deeply_nested_json_is_refused_in_every_reader(tmp_path, capsys, hf_ckpt
 
 def test_tool_call_arguments_nested_500_deep_exit_2(tmp_path, capsys):
     from gemma4.chat.mask import build_chat_mask
-    from gemma4.chat.testing import build_test_tokenizer
     from gemma4.chat.tokenizer import load_tokenizer
     from gemma4.errors import InvalidInputError
     from harness.assets import load_gemma4_chat_template
+    from harness.testing.chat import build_test_tokenizer
 
     args: object = "x"
     for _ in range(500):
@@ -591,7 +594,7 @@ def test_hf_checkpoint_is_one_flag_old_spellings_stay_hidden_aliases(tmp_path, c
     assert rc == 0 and "bit-exact" in out
     import argparse
 
-    from harness.gsm8k.cli import add_arguments
+    from harness.commands.e2e_gsm8k import add_arguments
 
     p = argparse.ArgumentParser()
     add_arguments(p)

@@ -74,7 +74,7 @@ def test_expert_and_tensor_parallel(layout):
     result = run_parity(src, torch.float64, batch=4, grads=True, layout=layout)
     assert result["pass"], _explain(result)
     single = run_parity(src, torch.float64, batch=4, layout=RunLayout())
-    diff = (result["_tensors"]["megatron_logits"] - single["_tensors"]["megatron_logits"]).abs().max()
+    diff = (result.tensors.megatron_logits - single.tensors.megatron_logits).abs().max()
     assert float(diff) <= 1e-9
 
 

@@ -43,7 +43,7 @@ def test_layout_fp64_forward_and_gradients(preset, layout):
     assert result["metrics"]["grads_max_scaled"] <= 1e-9
     if not layout.packed:  # also equal to our own single-process run
         single = run_parity(src, torch.float64, layout=RunLayout())
-        diff = (result["_tensors"]["megatron_logits"] - single["_tensors"]["megatron_logits"]).abs().max()
+        diff = (result.tensors.megatron_logits - single.tensors.megatron_logits).abs().max()
         assert float(diff) <= 1e-9
 
 
@@ -183,4 +183,4 @@ def test_sizes_that_do_not_divide(case):
     src = ParitySource("odd-sizes", cfg, text_spec_from_hf(cfg))
     result = run_parity(src, torch.float64, grads=True, layout=layout, seq_len=seq_len or 24)
     assert result["pass"], _explain(result)
-    assert result["_tensors"]["megatron_logits"].shape[-1] == 257
+    assert result.tensors.megatron_logits.shape[-1] == 257

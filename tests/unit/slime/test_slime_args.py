@@ -10,10 +10,10 @@ import pytest
 from gemma4.config import text_spec_from_any
 from gemma4.errors import InvalidInputError
 from gemma4.slime.args import check_args, require_matching_args
-from gemma4.slime.model_args import SCRIPTS, read_model_args, script_path
-from gemma4.slime.testing import flags_for_spec, parse_megatron_flags
+from harness.gsm8k.model_args import SCRIPTS, read_model_args, script_path
 from harness.gsm8k.variants import tiny_e2e_config
 from harness.presets import PRESETS, preset_config_dict
+from harness.testing.slime import flags_for_spec, parse_megatron_flags
 
 
 def _config(variant, released):

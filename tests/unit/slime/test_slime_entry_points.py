@@ -22,9 +22,9 @@ from gemma4.model.transformer_config import make_transformer_config
 from gemma4.slime import model_provider as provider_module
 from gemma4.slime.args import PROVIDER_PATH
 from gemma4.slime.spec import apply_gemma4_config, build_block_spec, get_gemma4_spec, swap_linears
-from gemma4.slime.testing import flags_for_spec, parse_megatron_flags, transformer_config_from_args
 from harness.presets import PRESETS, preset_config_dict
 from harness.reference import build_reference_model, hf_text_state_dict
+from harness.testing.slime import flags_for_spec, parse_megatron_flags, transformer_config_from_args
 
 
 def _args_config(cfg: dict, dtype=torch.float32, **overrides):
@@ -242,14 +242,13 @@ def test_weight_sync_is_the_streaming_converter(preset):
     from gemma4.conversion import streaming
     from gemma4.slime import weight_sync
 
-    assert weight_sync.convert_gemma4_to_hf is streaming.convert_gemma4_to_hf
     cfg = preset_config_dict(preset)
     spec, args, config = _args_config(cfg)
     model = provider_module.build_model(args, config)
     for name, param in model.state_dict().items():
         name = "module.module." + name
         got = weight_sync.convert_to_hf(args, "gemma4config", name, param)
-        want = streaming.convert_gemma4_to_hf(args, name, param)
+        want = streaming.param_to_hf(name, param, *weight_sync.resolve_target(args))
         assert [n for n, _ in got] == [n for n, _ in want]
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, want))
     with pytest.raises(InvalidInputError, match="quantized"):

@@ -114,8 +114,8 @@ def test_expert_reads_are_cached_per_fused_tensor():
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from gemma4.chat.testing import build_test_tokenizer
     from gemma4.chat.tokenizer import load_tokenizer
+    from harness.testing.chat import build_test_tokenizer
 
     return load_tokenizer(build_test_tokenizer(tmp_path_factory.mktemp("tok")))
 
@@ -129,8 +129,7 @@ MESSAGES = [
 
 
 def test_loss_mask_type_gemma4_is_ours(tokenizer):
-    from gemma4.chat.slime import Gemma4LossMaskGenerator
-    from gemma4.slime.loss_mask import dispatching_class, make_loss_mask_generator
+    from gemma4.slime.loss_mask import Gemma4LossMaskGenerator, dispatching_class, make_loss_mask_generator
     from harness.assets import load_gemma4_chat_template
 
     template = load_gemma4_chat_template()  # the project's own Gemma 4 template: any Gemma 4 template will do
@@ -183,8 +182,8 @@ def fake_slime(monkeypatch):
 
 
 def test_hooks_route_slimes_dispatch_to_gemma4(fake_slime, tokenizer):
-    from gemma4.chat.slime import Gemma4LossMaskGenerator
     from gemma4.slime.hooks import install
+    from gemma4.slime.loss_mask import Gemma4LossMaskGenerator
 
     done = install(import_known=False)
     assert len(done) == 5, done  # two converter bindings, two generator bindings, the loaders

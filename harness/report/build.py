@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from gemma4.atomic_io import json_safe
 from gemma4.errors import InvalidInputError
 from harness.goldens.store import atomic_write_bytes
 from harness.report.collect import ReportData
@@ -51,13 +52,17 @@ def write_report(data: ReportData, out_dir: Path, junit: Path | None = None) -> 
         "created_at": data.created_at,
         "versions": data.versions,
         "settings": data.settings,
-        "layouts": data.layouts,
+        # the registry rows without their ``applies`` callables (a function repr is not data)
+        "layouts": [{k: v for k, v in lay.items() if not callable(v)} for lay in data.layouts],
         "rows": [r.to_json() for r in data.rows],
         "equivalence": [e.to_json() for e in data.equivalence],
         "goldens": data.goldens.to_json() if data.goldens else None,
     }
     written["json"] = out_dir / "results.json"
-    atomic_write_bytes(written["json"], (json.dumps(results, indent=1, default=str) + "\n").encode("utf-8"))
+    atomic_write_bytes(
+        written["json"],
+        (json.dumps(json_safe(results), indent=1, default=str, allow_nan=False) + "\n").encode(),
+    )
     if junit is not None:
         written["junit"] = Path(junit)
         atomic_write_bytes(written["junit"], render.junit_xml(data))

@@ -8,11 +8,16 @@ at the end of the session: the numbers for the closing note.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+# pytest runs in importlib mode (pyproject): the GPU tests import their shared helpers (device_parity.py)
+# from this directory, so it goes on sys.path (it holds no directory that could shadow a package).
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
 _RESULTS: list[dict] = []
 
 

@@ -25,12 +25,12 @@ from harness.reference_data import REPO_ROOT, REQUIRE_SHARED_ENV, SHARED_DIR_ENV
 # (and, skipped here, on the released ones), the goldens (skipped: recorded with the released templates), the
 # slime-shaped generator and loss-mask hook, and the e2e-mini CLI contract.
 SUBSET = (
-    "tests/unit/chat/test_own_template.py",
-    "tests/unit/chat/test_chat_mask_examples.py",
-    "tests/unit/goldens/test_goldens_chat.py",
-    "tests/unit/chat/test_chat_slime.py",
-    "tests/unit/slime/test_slime_loader_hooks.py::test_loss_mask_type_gemma4_is_ours",
-    "tests/unit/e2e/test_e2e_cli.py::test_pass_writes_json_with_the_measured_values",
+    "tests/unit/gemma4/chat/test_own_template.py",
+    "tests/unit/gemma4/chat/test_chat_mask_examples.py",
+    "tests/unit/harness/goldens/test_goldens_chat.py",
+    "tests/unit/gemma4/chat/test_chat_slime.py",
+    "tests/unit/gemma4/slime/test_slime_loader_hooks.py::test_loss_mask_type_gemma4_is_ours",
+    "tests/unit/harness/e2e/test_e2e_cli.py::test_pass_writes_json_with_the_measured_values",
 )
 E2E_MINI = ("--steps", "1", "--prompts", "1", "--group-size", "2", "--max-new-tokens", "4")
 TIMEOUT_S = 600

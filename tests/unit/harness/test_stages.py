@@ -18,7 +18,7 @@ import torch
 
 from harness import stages
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.mark.parametrize("stage", sorted(stages.STAGES))

@@ -1,7 +1,7 @@
 """``--dry-run``: the full command and configuration per variant (snapshots), and nothing is started.
 
 Snapshots live in ``snapshots/<variant>.txt``; after an intended change, review the diff and rewrite them
-with ``GEMMA4_UPDATE_SNAPSHOTS=1 pytest tests/unit/gsm8k/test_dry_run.py`` (the only way they are written).
+with ``GEMMA4_UPDATE_SNAPSHOTS=1 pytest tests/unit/harness/gsm8k/test_dry_run.py`` (the only way they are written).
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ mutant names the check that must catch it, and that check is run exactly as the 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -123,27 +125,31 @@ def check_roundtrip(tmp_path):
     assert roundtrip_failures(hf, tmp_path) == []
 
 
+def _sibling(name: str):
+    """A test module beside this one, loaded by path (pytest runs in importlib mode: no sys.path games)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_planted_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def check_streaming(tmp_path):
-    from test_conversion_streaming import _check
+    _check = _sibling("test_conversion_streaming")._check
 
     cfg = preset_config_dict("tiny-31b")
     assert _check(cfg, slime_args(hf_config=cfg)) == []
 
 
 def check_tp_shards(tmp_path):
-    from test_conversion_table import test_tp_shards_are_what_megatron_ranks_hold
-
-    test_tp_shards_are_what_megatron_ranks_hold(2)
+    _sibling("test_conversion_table").test_tp_shards_are_what_megatron_ranks_hold(2)
 
 
 def check_expert_placement(tmp_path):
-    from test_conversion_table import (
-        test_expert_placement_is_blocked_by_rank,
-        test_expert_rules_split_and_gather_bit_exact,
-    )
-
-    test_expert_placement_is_blocked_by_rank(8, 2)
-    test_expert_rules_split_and_gather_bit_exact(1, 2)
+    table = _sibling("test_conversion_table")
+    table.test_expert_placement_is_blocked_by_rank(8, 2)
+    table.test_expert_rules_split_and_gather_bit_exact(1, 2)
 
 
 # (mutant, [(check, what the red check must say)])

@@ -2,8 +2,8 @@
 handled well, kept as regression tests.
 
 Conversion-specific defects (torch_dist ``relative_path`` traversal, FIFOs, ``--hf-config`` on per-rank
-checkpoints) are in ``tests/unit/conversion/test_conversion_hostile.py``; rank failures and the deadline at
-the runner level in ``tests/unit/parallel/test_runner.py``. Every refusal here must be exit 2 (or the code
+checkpoints) are in ``tests/unit/gemma4/conversion/test_conversion_hostile.py``; rank failures and the deadline at
+the runner level in ``tests/unit/gemma4/model/parallel/test_runner.py``. Every refusal here must be exit 2 (or the code
 the one table gives it), one line on stderr naming the flag, file, field or tensor, no traceback, and
 nothing written.
 """
@@ -34,7 +34,7 @@ from harness.exit_codes import (
 from harness.presets import PRESETS, preset_config_dict
 from harness.testing.conversion import save_hf_checkpoint
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[4]
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:

@@ -105,7 +105,7 @@ def test_exact_and_near_ties_break_like_hf():
 
 def test_router_params_are_marked_for_sequence_parallel_grad_reduction():
     """Megatron's finalize_model_grads all-reduces params marked ``sequence_parallel`` over TP; the
-    multi-process TP2+SP parity test (tests/unit/moe/test_moe_parity.py) checks the resulting gradients."""
+    multi-process TP2+SP parity test (tests/unit/gemma4/model/moe/test_moe_parity.py) checks the resulting gradients."""
     init_single_process()
     spec = text_spec_from_any(preset_config_dict("tiny-26b-a4b"))
     cfg = make_transformer_config(spec, torch.float32)

@@ -37,7 +37,7 @@ from harness.testing.conversion import (
 
 #: The CLI's one-line refusal: ``gemma4-harness convert[ <direction>]: error: ...``.
 ONE_LINE_ERROR = re.compile(r"gemma4-harness convert( [a-z-]+)?: error: ")
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[4]
 
 
 def tp2_variant(name: str) -> dict:

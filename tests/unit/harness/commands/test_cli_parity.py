@@ -18,7 +18,7 @@ from harness.cli import main
 from harness.presets import preset_config_dict
 from harness.reference import build_reference_model
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[4]
 
 
 def _save_causal_lm(directory: Path, preset: str = "tiny-12b", **changes) -> dict:

@@ -1,7 +1,7 @@
 """The committed goldens, one test per case (the test id is the case name), plus provenance and the budget.
 
 This is how ``tox -e unit`` runs ``gemma4-harness goldens check`` (in-process, on the repository's goldens/).
-One case: ``pytest "tests/unit/goldens/test_goldens_repo.py::test_golden[forward/tiny-31b/float64]"`` (or
+One case: ``pytest "tests/unit/harness/goldens/test_goldens_repo.py::test_golden[forward/tiny-31b/float64]"`` (or
 ``-k "forward/tiny-31b/float64"``). A case that needs reference data which is missing (the chat cases without
 the released templates) is skipped with the lookup's message, or fails under ``GEMMA4_REQUIRE_SHARED=1``.
 
@@ -22,7 +22,7 @@ from harness.goldens.registry import all_cases
 from harness.goldens.store import SIZE_BUDGET_BYTES, read_manifest, stray_files, total_size
 from harness.reference_data import REQUIRE_SHARED_ENV
 
-REPO_GOLDENS = Path(__file__).resolve().parents[3] / "goldens"
+REPO_GOLDENS = Path(__file__).resolve().parents[4] / "goldens"
 CASES = [c.name for c in all_cases()]
 
 

@@ -131,6 +131,24 @@ def expected_values(spec: Gemma4TextSpec) -> dict[str, tuple[ArgCheck, Any]]:
     return {check.attr: (check, value) for check, value in checks}
 
 
+#: Megatron-LM's defaults for the flags we check, when ``args`` lacks the attribute (a partial namespace).
+MEGATRON_FLAG_DEFAULTS: dict[str, Any] = {
+    "normalization": "LayerNorm",
+    "qk_layernorm": False,
+    "add_bias_linear": True,
+    "add_qkv_bias": False,
+    "swiglu": False,
+    "apply_layernorm_1p": False,
+    "untie_embeddings_and_output_weights": False,
+    "attention_dropout": 0.1,
+    "hidden_dropout": 0.1,
+    "window_size": None,
+    "num_experts": None,
+    "moe_router_topk": 2,
+    "moe_ffn_hidden_size": None,
+}
+
+
 def _actual(args: Any, attr: str) -> Any:
     if attr == "num_query_groups":
         return effective_query_groups(args)
@@ -138,22 +156,7 @@ def _actual(args: Any, attr: str) -> Any:
         return effective_kv_channels(args)
     if attr in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "norm_epsilon"):
         return _get(args, attr)
-    defaults = {
-        "normalization": "LayerNorm",
-        "qk_layernorm": False,
-        "add_bias_linear": True,
-        "add_qkv_bias": False,
-        "swiglu": False,
-        "apply_layernorm_1p": False,
-        "untie_embeddings_and_output_weights": False,
-        "attention_dropout": 0.1,
-        "hidden_dropout": 0.1,
-        "window_size": None,
-        "num_experts": None,
-        "moe_router_topk": 2,
-        "moe_ffn_hidden_size": None,
-    }
-    return getattr(args, attr, defaults.get(attr))
+    return getattr(args, attr, MEGATRON_FLAG_DEFAULTS.get(attr))
 
 
 def _same(actual: Any, expected: Any) -> bool:

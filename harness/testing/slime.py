@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from gemma4.errors import InvalidInputError
+from gemma4.slime.args import MEGATRON_FLAG_DEFAULTS
 
 # flag -> (attribute, kind); kind: int, float, str, true (store_true), false (store_false), list2
 FLAGS: dict[str, tuple[str, str]] = {
@@ -64,26 +65,14 @@ FLAGS: dict[str, tuple[str, str]] = {
 }
 
 MEGATRON_DEFAULTS: dict[str, Any] = {
+    **MEGATRON_FLAG_DEFAULTS,  # the product's own table of the defaults it checks
     "group_query_attention": False,
     "num_query_groups": 1,
     "kv_channels": None,
     "vocab_size": None,
     "make_vocab_size_divisible_by": 128,
     "max_position_embeddings": None,
-    "normalization": "LayerNorm",
     "norm_epsilon": 1e-5,
-    "qk_layernorm": False,
-    "add_bias_linear": True,
-    "add_qkv_bias": False,
-    "swiglu": False,
-    "apply_layernorm_1p": False,
-    "untie_embeddings_and_output_weights": False,
-    "attention_dropout": 0.1,
-    "hidden_dropout": 0.1,
-    "window_size": None,
-    "num_experts": None,
-    "moe_router_topk": 2,
-    "moe_ffn_hidden_size": None,
     "moe_router_load_balancing_type": "aux_loss",
     "moe_aux_loss_coeff": 0.0,
     "moe_token_dispatcher_type": "allgather",

@@ -13,12 +13,14 @@ holds is per layer where Gemma 4 is heterogeneous (head dim, KV heads, attention
 HF checkpoints: :func:`read_hf_config` is the one reader of a ``config.json`` (file or directory; strict,
 :class:`HFConfigFile`: raw object, text config, conditional-generation or not, text-weight prefix), and
 :func:`text_weight_prefix` / :func:`prefix_from_names` the one prefix rule (``model.`` for
-``Gemma4ForCausalLM``, ``model.language_model.`` for ``Gemma4ForConditionalGeneration``). Conversion, the
+``Gemma4ForCausalLM``, ``model.language_model.`` for ``Gemma4ForConditionalGeneration`` and the 12B's
+``Gemma4UnifiedForConditionalGeneration``, ``model_type gemma4_unified``). Conversion, the
 slime loader and weight sync, ``--hf-config`` and the e2e preflight all read configs through them.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -141,24 +143,56 @@ class Gemma4TextSpec:
 HF_CAUSAL_LM_PREFIX = "model."
 HF_CONDITIONAL_GENERATION_PREFIX = "model.language_model."
 CONFIG_FILE = "config.json"
+#: Top-level model types of multimodal configs (text under ``text_config``): Gemma 4, and the 12B's unified model.
+MULTIMODAL_MODEL_TYPES = ("gemma4", "gemma4_unified")
+#: Text-config model types we read: ``gemma4_text``, and the 12B's ``gemma4_unified_text`` (same fields, other
+#: class defaults, no PLE/MoE attributes; parsed as a ``Gemma4TextConfig``, :func:`hf_text_config_from_dict`).
+TEXT_MODEL_TYPES = ("gemma4_text", "gemma4_unified_text")
+CONDITIONAL_GENERATION_ARCHITECTURES = (
+    "Gemma4ForConditionalGeneration",
+    "Gemma4UnifiedForConditionalGeneration",
+)
+#: ``Gemma4UnifiedTextConfig`` class defaults that differ from ``Gemma4TextConfig``'s (transformers 5.24), used
+#: when transformers has no unified class; the PLE/MoE fields the unified class lacks are off.
+UNIFIED_TEXT_DEFAULTS: dict[str, Any] = {
+    "sliding_window": 1024,
+    "max_position_embeddings": 262144,
+    "use_bidirectional_attention": "vision",
+    "hidden_size_per_layer_input": 0,
+    "vocab_size_per_layer_input": 262144,
+    "enable_moe_block": False,
+    "num_experts": None,
+    "top_k_experts": None,
+    "moe_intermediate_size": None,
+}
+
+
+def _transformers_classes(*names: str) -> tuple[type, ...]:
+    """The named transformers classes this transformers has (``Gemma4Unified*`` came after ``Gemma4*``)."""
+    import transformers
+
+    return tuple(c for c in (getattr(transformers, n, None) for n in names) if c is not None)
 
 
 def is_conditional_generation(config: Any) -> bool:
-    """Does ``config`` describe the multimodal ``Gemma4ForConditionalGeneration``? A ``config.json`` dict
-    does when its ``model_type`` is ``gemma4`` or its ``architectures`` name that class; a config object
-    when it is a ``Gemma4Config``. Anything else (``Gemma4TextConfig``, a spec) is a ``Gemma4ForCausalLM``."""
+    """Does ``config`` describe a multimodal model whose text weights sit under ``model.language_model.``
+    (``Gemma4ForConditionalGeneration``, or the 12B's ``Gemma4UnifiedForConditionalGeneration``)? A
+    ``config.json`` dict does when its ``model_type`` is ``gemma4`` / ``gemma4_unified`` or its
+    ``architectures`` name one of those classes; a config object when it is a ``Gemma4Config`` /
+    ``Gemma4UnifiedConfig``. Anything else (a text config, a spec) is a ``…ForCausalLM`` (``model.``)."""
     if isinstance(config, Mapping):
         archs = config.get("architectures") or []
-        return config.get("model_type") == "gemma4" or "Gemma4ForConditionalGeneration" in archs
+        return config.get("model_type") in MULTIMODAL_MODEL_TYPES or any(
+            a in CONDITIONAL_GENERATION_ARCHITECTURES for a in archs
+        )
     if isinstance(config, Gemma4TextSpec):
         return False
-    from transformers import Gemma4Config
-
-    return isinstance(config, Gemma4Config)
+    return isinstance(config, _transformers_classes("Gemma4Config", "Gemma4UnifiedConfig"))
 
 
 def text_weight_prefix(conditional_generation: bool) -> str:
-    """The one prefix rule: ``model.language_model.`` for ``Gemma4ForConditionalGeneration``, else ``model.``."""
+    """The one prefix rule: ``model.language_model.`` for ``Gemma4[Unified]ForConditionalGeneration``, else
+    ``model.`` (SGLang's unified loader strips ``model.`` and expects ``language_model.`` after it)."""
     return HF_CONDITIONAL_GENERATION_PREFIX if conditional_generation else HF_CAUSAL_LM_PREFIX
 
 
@@ -254,27 +288,62 @@ def _bounded_layers(data: dict[str, Any], source: str) -> None:
         _token_id(data.get("bos_token_id"), "bos_token_id", vocab)
 
 
+def _unified_text_fields(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """A ``gemma4_unified_text`` dict as ``Gemma4TextConfig`` kwargs: the unified class's defaults for what the
+    dict leaves out (its window, max positions; no PLE/MoE), and a refusal of any field of the unified class
+    that ``Gemma4TextConfig`` does not have (a unified model we would silently build differently)."""
+    defaults, unified_only = _unified_defaults()
+    extra = sorted(k for k in data if k in unified_only)
+    if extra:
+        raise ConfigError(
+            f"{source}: gemma4_unified_text field(s) {extra} have no Gemma4TextConfig counterpart; "
+            "this unified model is not supported"
+        )
+    return defaults | data
+
+
+@functools.lru_cache(maxsize=1)
+def _unified_defaults() -> tuple[dict[str, Any], frozenset[str]]:
+    """(defaults for a unified text dict, fields only the unified text class has); from transformers'
+    ``Gemma4UnifiedTextConfig`` when it has one, else :data:`UNIFIED_TEXT_DEFAULTS`."""
+    from transformers import Gemma4TextConfig
+
+    defaults = dict(UNIFIED_TEXT_DEFAULTS)
+    unified_only: frozenset[str] = frozenset()
+    for unified_cls in _transformers_classes("Gemma4UnifiedTextConfig"):
+        unified = unified_cls().to_dict()
+        unified_only = frozenset(set(unified) - set(Gemma4TextConfig().to_dict()))
+        defaults.update({k: unified[k] for k in ("sliding_window", "max_position_embeddings")})
+        defaults["use_bidirectional_attention"] = unified.get("use_bidirectional_attention", "vision")
+    return defaults, unified_only
+
+
 def hf_text_config_from_dict(data: dict[str, Any], source: str = "config") -> Any:
-    """Build a ``Gemma4TextConfig`` from a ``config.json`` dict (text or multimodal ``gemma4``)."""
+    """Build a ``Gemma4TextConfig`` from a ``config.json`` dict: text (``gemma4_text``, or the 12B's
+    ``gemma4_unified_text`` with the unified class's defaults) or multimodal (``gemma4``, ``gemma4_unified``)."""
     from transformers import Gemma4TextConfig
 
     model_type = data.get("model_type")
-    if model_type in ("gemma4", "gemma4_unified") or "text_config" in data:
+    if model_type in MULTIMODAL_MODEL_TYPES or "text_config" in data:
         text = data.get("text_config")
         if not isinstance(text, dict):
             raise ConfigError(
                 f"{source}: field 'text_config' must be an object for model_type {model_type!r}"
             )
         data = text
-        model_type = data.get("model_type", "gemma4_text")
-    if model_type not in (None, "gemma4_text"):
+        default_text = "gemma4_unified_text" if model_type == "gemma4_unified" else "gemma4_text"
+        model_type = data.get("model_type", default_text)
+    if model_type not in (None, *TEXT_MODEL_TYPES):
         raise ConfigError(
-            f"{source}: field 'model_type' is {model_type!r}; expected 'gemma4_text' or 'gemma4'"
+            f"{source}: field 'model_type' is {model_type!r}; expected one of "
+            f"{[*TEXT_MODEL_TYPES, *MULTIMODAL_MODEL_TYPES]}"
         )
     _bounded_layers(data, source)
     clean = {
         k: v for k, v in data.items() if k not in ("model_type", "transformers_version", "architectures")
     }
+    if model_type == "gemma4_unified_text":
+        clean = _unified_text_fields(clean, source)
     try:
         return Gemma4TextConfig(**clean)
     except Exception as exc:  # transformers' strict dataclass validation raises several types
@@ -283,13 +352,18 @@ def hf_text_config_from_dict(data: dict[str, Any], source: str = "config") -> An
 
 
 def hf_text_config_from_any(obj: Any) -> Any:
-    """Return the ``Gemma4TextConfig`` behind a config object, JSON dict, or path (file or directory)."""
+    """Return the ``Gemma4TextConfig`` behind a config object (``Gemma4TextConfig``, ``Gemma4Config``, or the
+    unified ``Gemma4Unified[Text]Config``, re-parsed as a ``Gemma4TextConfig``), JSON dict, or path."""
     from transformers import Gemma4Config, Gemma4TextConfig
 
     if isinstance(obj, Gemma4TextConfig):
         return obj
     if isinstance(obj, Gemma4Config):
         return obj.text_config
+    unified = _transformers_classes("Gemma4UnifiedConfig", "Gemma4UnifiedTextConfig")
+    if unified and isinstance(obj, unified):
+        text = getattr(obj, "text_config", obj)
+        return hf_text_config_from_dict(text.to_dict(), source=type(obj).__name__)
     if isinstance(obj, (str, Path)):
         return read_hf_config(obj).hf_text_config(source=str(obj))
     if isinstance(obj, dict):

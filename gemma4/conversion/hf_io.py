@@ -46,7 +46,15 @@ __all__ = [
     "write_hf_config",
 ]
 
-NON_TEXT_PREFIXES = ("model.vision_tower.", "model.embed_vision.", "model.audio_tower.", "model.embed_audio.")
+NON_TEXT_PREFIXES = (
+    "model.vision_tower.",
+    "model.embed_vision.",
+    "model.audio_tower.",
+    "model.embed_audio.",
+    # the 12B (gemma4_unified): its vision embedder as stored on the hub (transformers renames it to
+    # embed_vision.* when loading; SGLang's unified loader reads it under this name); not text weights
+    "model.vision_embedder.",
+)
 HEAD = "lm_head.weight"
 DEAD_KV_SUFFIXES = ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.k_norm.weight")
 

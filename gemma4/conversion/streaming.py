@@ -1,8 +1,8 @@
 """The per-parameter Megatron -> HF converter for Gemma 4: :func:`param_to_hf(name, param, spec, prefix)`.
 
 RL training pushes Megatron weights into SGLang every step. slime gathers each parameter across TP (and
-EP, renaming experts to their global index) and asks for the HF ``(name, tensor)`` pairs it stands for; the
-slime-facing entry point, ``convert_gemma4_to_hf(args, name, param)`` (its ``args`` contract and caching),
+EP: the expert index must be global, see below) and asks for the HF ``(name, tensor)`` pairs it stands
+for; the slime-facing entry point, ``convert_gemma4_to_hf(args, name, param)`` (its ``args`` contract and caching),
 is :mod:`gemma4.slime.weight_sync`. This module is the conversion itself, given the model's
 :class:`gemma4.config.Gemma4TextSpec` and the HF text-weight prefix (``model.`` or
 ``model.language_model.``). It is driven by the same table as every other direction
@@ -11,7 +11,7 @@ is :mod:`gemma4.slime.weight_sync`. This module is the conversion itself, given 
 **Names in**: any number of leading ``module.`` (DDP / Float16Module wrappers), then Megatron's global
 names: ``embedding.word_embeddings.weight``, ``decoder.layers.{L}.…``, ``decoder.final_layernorm.weight``,
 ``output_layer.weight``; experts as ``decoder.layers.{L}.mlp.experts.local_experts.{e}.linear_fc{1,2}.weight``
-or TE's grouped form ``decoder.layers.{L}.mlp.experts.linear_fc{1,2}.weight{e}``, with ``e`` global.
+or TE's grouped form ``decoder.layers.{L}.mlp.experts.linear_fc{1,2}.weight{e}`` (``e`` global in both).
 ``_extra_state`` entries return ``[]``; an unknown name raises ``InvalidInputError`` naming it.
 
 **Tensors in**: full (TP-gathered) tensors. Out: views or fresh tensors of the same dtype (no cast).
@@ -23,13 +23,22 @@ KV-shared (reuse) layers emit ``q_proj`` only; PLE tensors map one to one (all f
 
 **Experts plan** (does not need all experts of a layer in one call): HF stores a layer's experts fused
 (``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj`` [E, H, I]); each expert arrives in its own call,
-in any order, possibly from different EP ranks. Each call returns that expert's slice under a per-expert
-name, ``{prefix}layers.{L}.experts.{e}.gate_up_proj`` ([2I, H] = ``[gate; up]`` = ``gate_up_proj[e]``) and
-``{prefix}layers.{L}.experts.{e}.down_proj`` ([H, I] = ``down_proj[e]``), which an inference engine's
-loader writes into row ``e`` of its fused parameter (SGLang's FusedMoE ``weight_loader`` takes an
-``expert_id``). Where a consumer needs the fused HF tensor instead (an HF export), :class:`ExpertStacker`
-buffers one layer's slices and emits ``experts.gate_up_proj`` / ``experts.down_proj`` once all ``E``
-have arrived (memory: one layer's experts of one kind).
+in any order, possibly from different EP ranks. Each call returns that expert's tensors under the per-expert
+names SGLang 0.5.23's Gemma 4 ``load_weights`` routes (``FusedMoE.make_expert_params_mapping``:
+``experts.{e}.{gate,up,down}_proj.`` -> ``moe.experts.w13_weight`` / ``w2_weight`` slot ``e``), each
+``(out, in)`` like an ``nn.Linear`` weight: ``linear_fc1`` [2I, H] = ``[gate; up]`` ->
+``{prefix}layers.{L}.experts.{e}.gate_proj.weight`` (rows ``:I``) and ``….up_proj.weight`` (rows ``I:``),
+both [I, H]; ``linear_fc2`` -> ``{prefix}layers.{L}.experts.{e}.down_proj.weight`` [H, I]. Any other name
+(the former ``experts.{e}.gate_up_proj``) is skipped by SGLang without a word. Where a consumer needs the
+fused HF tensors instead (an HF export, HF ``Gemma4ForCausalLM``), :class:`ExpertStacker` buffers one
+layer's slices and emits ``experts.gate_up_proj`` / ``experts.down_proj`` once all ``E`` have arrived
+(memory: one layer's experts of one kind).
+
+**Expert parallelism**: the expert index in the name must be global. slime makes it global only for TE's
+grouped names (``…mlp.experts.linear_fc1.weight{e}``); a SequentialMLP name (``local_experts.{e}``) reaches
+us with the rank-local index (see :mod:`gemma4.slime.weight_sync`). ``param_to_hf(..., ep_size=N)`` with
+``N > 1`` therefore refuses ``local_experts`` names (``InvalidInputError``) instead of writing expert ``e``
+of every EP rank into slot ``e``; the grouped form is taken as global.
 """
 
 from __future__ import annotations
@@ -58,16 +67,24 @@ def _full(prefix: str, name: str) -> str:
     return name if name == "lm_head.weight" else prefix + name
 
 
+#: The per-expert projections SGLang routes, in the order ``linear_fc1`` rows hold them (fc2 is ``down_proj``).
+EXPERT_KINDS = ("gate_proj", "up_proj", "down_proj")
+
+
 def expert_hf_name(prefix: str, layer: int, expert: int, kind: str) -> str:
-    """Per-expert HF slice name (``kind`` is ``gate_up_proj`` or ``down_proj``)."""
-    return f"{prefix}layers.{layer}.experts.{expert}.{kind}"
+    """Per-expert HF weight name SGLang routes (``kind`` is ``gate_proj``, ``up_proj`` or ``down_proj``)."""
+    if kind not in EXPERT_KINDS:
+        raise ValueError(f"expert kind {kind!r}; expected one of {EXPERT_KINDS}")
+    return f"{prefix}layers.{layer}.experts.{expert}.{kind}.weight"
 
 
 def param_to_hf(
-    name: str, param: torch.Tensor, spec: Gemma4TextSpec, prefix: str
+    name: str, param: torch.Tensor, spec: Gemma4TextSpec, prefix: str, ep_size: int = 1
 ) -> list[tuple[str, torch.Tensor]]:
     """One gathered Megatron parameter -> its HF ``(name, tensor)`` pairs under ``prefix`` (see the module
-    docstring). Errors are worded for ``convert_gemma4_to_hf``, the slime entry point that calls this."""
+    docstring). ``ep_size``: the trainer's expert-parallel size; above 1, a ``local_experts.{e}`` name (whose
+    index slime leaves rank-local) is refused. Errors are worded for ``convert_gemma4_to_hf``, the slime
+    entry point that calls this."""
     name = strip_module_prefixes(name)
     if name.endswith("_extra_state"):
         return []
@@ -94,14 +111,37 @@ def param_to_hf(
             fc, expert = grouped.group(2), int(grouped.group(3))
         else:
             expert, fc = int(grouped.group(1)), grouped.group(2)
-        template = f"decoder.layers.{layer}.mlp.experts.local_experts.{{e}}.{fc}.weight"
-        for rule in mapping._layer_rules(spec, layer):
-            if rule.is_expert and rule.mcore == template:
-                kind = rule.hf[0].rsplit(".", 1)[-1]
-                return [(expert_hf_name(prefix, layer, expert, kind), param)]
-        raise InvalidInputError(
-            f"convert_gemma4_to_hf: {name!r} is an expert, but layer {layer} has no experts"
-        )
+            if ep_size > 1:
+                raise InvalidInputError(
+                    f"convert_gemma4_to_hf: {name!r} at expert-parallel size {ep_size}: slime leaves the index "
+                    "of SequentialMLP 'local_experts.{e}' names rank-local (it makes only TE's grouped "
+                    "'linear_fc1.weight{e}' names global), so every EP rank's expert e would land in slot e; "
+                    "wrap slime's update_weight.common._named_params_and_buffers_global with "
+                    "gemma4.slime.weight_sync.with_global_expert_names (global TE-style names) or run EP 1"
+                )
+        num_experts = mapping._num_experts(spec)
+        if not num_experts:
+            raise InvalidInputError(
+                f"convert_gemma4_to_hf: {name!r} is an expert, but layer {layer} has no experts"
+            )
+        if not 0 <= expert < num_experts:
+            raise InvalidInputError(
+                f"convert_gemma4_to_hf: {name!r} names expert {expert}; the model has {num_experts}"
+            )
+        fused = f"layers.{layer}.experts.{'gate_up_proj' if fc == 'linear_fc1' else 'down_proj'}"
+        want = mapping.hf_shape(fused, spec, layer)[1:]
+        if tuple(param.shape) != want:
+            raise InvalidInputError(
+                f"convert_gemma4_to_hf: expert {name!r} has shape {list(param.shape)}; the config implies "
+                f"{list(want)}"
+            )
+        if fc == "linear_fc2":
+            return [(expert_hf_name(prefix, layer, expert, "down_proj"), param)]
+        gate, up = param.chunk(2, dim=0)  # linear_fc1 rows are [gate; up], as HF's gate_up_proj[e]
+        return [
+            (expert_hf_name(prefix, layer, expert, "gate_proj"), gate),
+            (expert_hf_name(prefix, layer, expert, "up_proj"), up),
+        ]
     for rule in mapping._layer_rules(spec, layer):
         if rule.mcore == name:
             return _checked(spec, layer, mapping.rule_to_hf(rule, param, spec, layer), prefix)
@@ -136,28 +176,37 @@ def _checked(
 
 
 class ExpertStacker:
-    """Buffers per-expert slices of one layer and emits the fused HF tensor once all experts arrived."""
+    """Buffers one layer's per-expert tensors (:func:`expert_hf_name`) and emits HF's fused
+    ``experts.gate_up_proj`` [E, 2I, H] (``[gate; up]`` per expert) / ``experts.down_proj`` [E, H, I] once all
+    ``E`` experts of that tensor arrived. Any other pair passes through."""
 
-    _SLICE = re.compile(r"^(?P<head>.*layers\.\d+\.experts)\.(?P<e>\d+)\.(?P<kind>gate_up_proj|down_proj)$")
+    _SLICE = re.compile(
+        r"^(?P<head>.*layers\.\d+\.experts)\.(?P<e>\d+)\.(?P<kind>gate_proj|up_proj|down_proj)\.weight$"
+    )
 
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
-        self.pending: dict[str, dict[int, torch.Tensor]] = {}
+        #: fused HF name -> kind -> expert -> tensor
+        self.pending: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
 
     def add(self, hf_name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        """Pass non-expert pairs through; buffer expert slices; return the fused tensor when complete."""
+        """Pass non-expert pairs through; buffer expert tensors; return the fused tensor when complete."""
         m = self._SLICE.match(hf_name)
         if m is None:
             return [(hf_name, tensor)]
-        fused = f"{m.group('head')}.{m.group('kind')}"
-        slot = self.pending.setdefault(fused, {})
+        kind = m.group("kind")
+        fused = f"{m.group('head')}.{'down_proj' if kind == 'down_proj' else 'gate_up_proj'}"
+        kinds = ("down_proj",) if kind == "down_proj" else ("gate_proj", "up_proj")
+        slots = self.pending.setdefault(fused, {k: {} for k in kinds})
+        slot = slots[kind]
         e = int(m.group("e"))
         if not 0 <= e < self.num_experts or e in slot:
             raise InvalidInputError(
-                f"ExpertStacker: expert {e} of {fused!r} is out of range or arrived twice"
+                f"ExpertStacker: {hf_name!r}: expert {e} is out of range or arrived twice"
             )
         slot[e] = tensor
-        if len(slot) < self.num_experts:
+        if any(len(slots[k]) < self.num_experts for k in kinds):
             return []
         del self.pending[fused]
-        return [(fused, mapping.stack_experts([slot[i] for i in range(self.num_experts)]))]
+        rows = [torch.cat([slots[k][i] for k in kinds], dim=0) for i in range(self.num_experts)]
+        return [(fused, mapping.stack_experts(rows))]

@@ -7,13 +7,24 @@ training actor) therefore patches, in the slime modules loaded in this process:
 * every ``convert_to_hf`` function (slime's Megatron -> HF dispatcher, ``slime.backends.megatron_utils.
   megatron_to_hf``) -> a wrapper sending Gemma 4 model names to
   :func:`gemma4.slime.weight_sync.convert_gemma4_to_hf` and everything else to the original;
-* every ``_LOADERS`` dict -> gains :data:`gemma4.slime.loader.LOADERS` (existing keys are left alone);
+* every ``_LOADERS`` dict (``slime.backends.megatron_utils.hf_to_megatron``, used by ``--load``/``--ref-load``
+  with an HF directory) -> gains :data:`gemma4.slime.loader.LOADERS` (existing keys are left alone), and
+  every ``load_hf_weights`` -> :func:`gemma4.slime.loader.with_gemma4_buffers` (slime's walk skips buffers,
+  so ``layer_scalar`` would stay 1.0);
 * every ``MultiTurnLossMaskGenerator`` class (``slime.utils.mask_utils``) -> a subclass that builds
-  :class:`gemma4.slime.loss_mask.Gemma4LossMaskGenerator` for ``tokenizer_type="gemma4"``.
+  :class:`gemma4.slime.loss_mask.Gemma4LossMaskGenerator` for ``tokenizer_type="gemma4"``;
+* ``_named_params_and_buffers_global`` (``slime.backends.megatron_utils.update_weight.common``, the one
+  function every weight-sync path and the HF saver name parameters through) ->
+  :func:`gemma4.slime.weight_sync.with_global_expert_names`: slime makes expert indices global only for
+  TE's grouped names, so our SequentialMLP experts (``local_experts.{i}``) would reach the converter with
+  the rank-local index at EP > 1 and be merged or dropped across EP ranks.
 
 Names bound by ``from … import …`` in already-loaded slime modules are patched too (found by identity with
 the original object); the source modules in :data:`KNOWN_MODULES` are imported first when slime is
-importable, so later imports see the patched objects. Idempotent; without slime it does nothing. The module
+importable, so later imports see the patched objects. This is what makes the order safe: slime imports
+``hf_to_megatron`` lazily, inside ``checkpoint._load_checkpoint_hf``, i.e. after our model provider ran
+``install``; importing it here first means that later ``from … import load_hf_weights`` finds the patched
+function and the ``_LOADERS`` dict already holding Gemma 4. Idempotent; without slime it does nothing. The module
 paths are an assumption about slime's layout (README: Running with slime); what was patched is returned and
 logged, so a slime that moved them shows up as an empty list.
 """
@@ -29,6 +40,8 @@ from typing import Any
 
 KNOWN_MODULES = (
     "slime.backends.megatron_utils.megatron_to_hf",
+    "slime.backends.megatron_utils.update_weight.common",
+    "slime.backends.megatron_utils.hf_to_megatron",
     "slime.utils.mask_utils",
 )
 
@@ -59,9 +72,9 @@ def _is_slime_object(obj: Any, name: str) -> bool:
 
 def install(modules: Iterable[ModuleType] | None = None, import_known: bool = True) -> list[str]:
     """Patch slime's dispatch points (see the module docstring); returns one line per patched attribute."""
-    from gemma4.slime.loader import LOADERS
+    from gemma4.slime.loader import LOADERS, with_gemma4_buffers
     from gemma4.slime.loss_mask import dispatching_class
-    from gemma4.slime.weight_sync import dispatcher_with_gemma4
+    from gemma4.slime.weight_sync import dispatcher_with_gemma4, with_global_expert_names
 
     if modules is None and import_known:
         _import_known()
@@ -81,6 +94,16 @@ def install(modules: Iterable[ModuleType] | None = None, import_known: bool = Tr
                 continue
             if callable(value) and not isinstance(value, type) and _is_slime_object(value, "convert_to_hf"):
                 new = replacements.setdefault(id(value), dispatcher_with_gemma4(value))
+            elif (
+                callable(value) and not isinstance(value, type) and _is_slime_object(value, "load_hf_weights")
+            ):
+                new = replacements.setdefault(id(value), with_gemma4_buffers(value))
+            elif (
+                callable(value)
+                and not isinstance(value, type)
+                and _is_slime_object(value, "_named_params_and_buffers_global")
+            ):
+                new = replacements.setdefault(id(value), with_global_expert_names(value))
             elif isinstance(value, type) and _is_slime_object(value, "MultiTurnLossMaskGenerator"):
                 new = replacements.setdefault(id(value), dispatching_class(value))
             else:

@@ -18,12 +18,17 @@ Returns the **full TP = 1 tensor** (``linear_qkv`` per-group interleaved without
 Megatron's own parameter metadata (:func:`gemma4.parallel.shard_like`). A layer's fused expert tensor is read
 once and kept until another HF tensor is asked for (memory: one fused tensor).
 
-Assumption (slime's loader API is not pinned down): the callable signature ``(name, reader, config)``
-and the full-tensor return value; :data:`LOADERS` maps Gemma 4 model names to this function.
+slime's loader API (commit 624b824a8, ``slime/backends/megatron_utils/hf_to_megatron/``): the callable
+signature ``(name, reader, config)`` and the full-tensor return value; :data:`LOADERS` maps Gemma 4 model
+names (slime looks up ``config.model_type``) to this function. slime walks only parameters and
+``expert_bias`` buffers, so ``layer_scalar`` is loaded by :func:`with_gemma4_buffers` (installed over
+slime's ``load_hf_weights`` by :func:`gemma4.slime.hooks.install`). Tested against slime's own code in
+``tests/unit/gemma4/slime/test_slime_contract.py``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Mapping
@@ -132,4 +137,46 @@ def gemma4_hf_tensor(name: str, reader: Any, config: Any) -> torch.Tensor | None
     return out
 
 
-LOADERS = {model_name: gemma4_hf_tensor for model_name in MODEL_NAMES}
+#: slime looks its loader up by ``AutoConfig.from_pretrained(dir).model_type``; the 12B's is ``gemma4_unified``.
+LOADERS = {model_name: gemma4_hf_tensor for model_name in (*MODEL_NAMES, "gemma4_unified")}
+
+
+def load_gemma4_buffers(model: Any, reader: Any, config: Any) -> list[str]:
+    """Copy the HF checkpoint's ``layer_scalar`` into every decoder layer of ``model`` (a module or slime's
+    list of virtual-pipeline chunks). slime's loader walks parameters plus ``expert_bias`` buffers only
+    (``update_weight/common.py`` ``named_params_and_buffers``), so without this the persistent
+    ``layer_scalar`` buffer keeps its initial 1.0. The global layer index is the layer's own
+    ``layer_number`` (Megatron's, pipeline offset included). Returns the names written."""
+    done: list[str] = []
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    with torch.no_grad():
+        for chunk in chunks:
+            for module in chunk.modules():
+                buffer = module._buffers.get("layer_scalar")
+                if buffer is None:
+                    continue
+                name = f"decoder.layers.{int(module.layer_number) - 1}.layer_scalar"
+                tensor = gemma4_hf_tensor(name, reader, config)
+                buffer.copy_(tensor.reshape(buffer.shape).to(device=buffer.device, dtype=buffer.dtype))
+                done.append(name)
+    return done
+
+
+def with_gemma4_buffers(original: Any) -> Any:
+    """slime's ``load_hf_weights(args, model, path)`` followed, for Gemma 4 checkpoints, by
+    :func:`load_gemma4_buffers` (same ``AutoConfig`` and ``SafetensorReader`` as slime's own call)."""
+
+    @functools.wraps(original)
+    def load_hf_weights(args: Any, model: Any, path: Any) -> None:
+        original(args, model, path)
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+        if config.model_type not in LOADERS:
+            return
+        from slime.backends.megatron_utils.hf_to_megatron.common import SafetensorReader
+
+        load_gemma4_buffers(model, SafetensorReader(path), config)
+
+    load_hf_weights.gemma4_hook = True  # type: ignore[attr-defined]
+    return load_hf_weights

@@ -21,6 +21,8 @@ from gemma4.chat.mask import build_chat_mask
 from gemma4.errors import InvalidInputError
 
 __all__ = [
+    "add_arguments",
+    "generate_rollout",
     "TOKENIZER_TYPE",
     "Gemma4LossMaskGenerator",
     "RolloutMask",
@@ -183,3 +185,43 @@ def dispatching_class(original: type) -> type:
     MultiTurnLossMaskGenerator.__qualname__ = original.__qualname__
     MultiTurnLossMaskGenerator.__module__ = original.__module__
     return MultiTurnLossMaskGenerator
+
+
+LOSS_MASK_FLAG = "--loss-mask-type"
+
+
+def add_arguments(parser: Any) -> Any:
+    """For ``slime.utils.arguments.parse_args(add_custom_arguments=add_arguments)`` (slime runs it before its
+    own arguments): makes ``--loss-mask-type gemma4`` a valid choice on this parser. slime (commit 624b824a8,
+    ``slime/utils/arguments.py:1416``) defines the flag with fixed ``choices`` and registers it after the
+    custom hook, so the hook cannot add the flag itself (argparse would refuse the duplicate); it extends
+    the choices of that one ``add_argument`` call on this parser instance instead (no global patch)."""
+    original = parser.add_argument
+
+    def add_argument(*names: Any, **kwargs: Any) -> Any:
+        choices = kwargs.get("choices")
+        if LOSS_MASK_FLAG in names and choices is not None and TOKENIZER_TYPE not in choices:
+            kwargs["choices"] = [*choices, TOKENIZER_TYPE]
+        return original(*names, **kwargs)
+
+    parser.add_argument = add_argument
+    return parser
+
+
+def generate_rollout(args: Any, rollout_id: int, data_buffer: Any, evaluation: bool = False) -> Any:
+    """slime's SFT rollout (``slime.rollout.sft_rollout.generate_rollout``) with Gemma 4 loss masks:
+    ``--rollout-function-path gemma4.slime.loss_mask.generate_rollout``. slime builds SFT masks in the
+    rollout actor, where our model provider (and so :func:`gemma4.slime.hooks.install`) never runs; this
+    function is loaded there by slime itself, installs the hook into the loaded slime modules, and runs
+    slime's own function with ``loss_mask_type = "gemma4"`` (slime's stock parser refuses that value, so
+    ``--loss-mask-type`` is not read here)."""
+    import copy
+
+    from slime.rollout import sft_rollout
+
+    from gemma4.slime.hooks import install
+
+    install(import_known=False)
+    gemma_args = copy.copy(args)
+    gemma_args.loss_mask_type = TOKENIZER_TYPE
+    return sft_rollout.generate_rollout(gemma_args, rollout_id, data_buffer, evaluation)

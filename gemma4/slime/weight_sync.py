@@ -1,11 +1,27 @@
-"""Weight sync (Megatron -> SGLang): slime's ``convert_<model>_to_hf(args, name, param)`` for Gemma 4.
+r"""Weight sync (Megatron -> SGLang): slime's ``convert_<model>_to_hf(args, name, param)`` for Gemma 4.
 
-slime gathers each parameter over TP (and EP, with global expert indices) and calls the converter of the
+slime gathers each parameter over TP (and EP; expert indices below) and calls the converter of the
 model once per parameter; the converter returns the HF ``(name, tensor)`` pairs SGLang loads. Ours,
 :func:`convert_gemma4_to_hf`, reads the model geometry from ``args`` (below) and hands the parameter to
 :func:`gemma4.conversion.streaming.param_to_hf`, so weight sync is the same code the conversion tests check
-against HF's state dict. MoE experts come back one per call as ``layers.{L}.experts.{e}.gate_up_proj`` /
-``down_proj`` slices (see that module's docstring; :class:`ExpertStacker` re-fuses them).
+against HF's state dict. MoE experts come back one per call under the per-expert names SGLang 0.5.23 routes,
+``layers.{L}.experts.{e}.gate_proj.weight`` / ``up_proj.weight`` (from ``linear_fc1``) and
+``down_proj.weight`` (from ``linear_fc2``) (see that module's docstring; :class:`ExpertStacker` re-fuses
+them into HF's checkpoint format).
+
+**Expert parallelism (slime 624b824a8)**: ``update_weight/common.py:_named_params_and_buffers_global``
+(line 171; offset ``ep_rank * num_experts // ep_size`` at line 182) adds the EP offset only to names
+matching ``mlp\.experts\.(.+)\.(weight|bias)(\d+)`` (lines 224-230, "hardcoded for te grouped matmul");
+our SequentialMLP's ``mlp.experts.local_experts.{i}.linear_fc1.weight`` does not match and is yielded with
+the local ``i`` (line 232). Then ``update_weight_from_distributed.py:_ep_gather_and_convert`` (line 205)
+all-gathers names and tensors over the EP group and calls ``convert_to_hf`` on every rank's list (line 238),
+so rank 1's expert ``i`` arrives under the same name as rank 0's; ``hf_weight_iterator_direct.py:
+_get_megatron_local_param_infos`` (line 171) unions names over EP (``if name not in param_infos``, line
+219), so only one rank's expert ``i`` survives. The converter cannot tell the ranks apart from the name, so:
+:func:`with_global_expert_names` wraps slime's ``_named_params_and_buffers_global`` to rename SequentialMLP
+experts to the TE grouped form with the global index (``…mlp.experts.linear_fc1.weight{ep_rank * E/ep +
+i}``, what slime's own rule produces for TE), and :func:`convert_gemma4_to_hf` refuses a ``local_experts``
+name when ``args.expert_model_parallel_size > 1`` (wrapper not installed: a silent misplacement otherwise).
 
 **args contract** (a ``types.SimpleNamespace`` is enough); the per-layer geometry comes from the first of:
 
@@ -27,6 +43,7 @@ quantization_config=None)``, and sends every Gemma 4 model name (any config or c
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,6 +69,8 @@ __all__ = [
     "get_converter",
     "is_gemma4_model_name",
     "resolve_target",
+    "slime_global_expert_name",
+    "with_global_expert_names",
 ]
 
 #: The model names :func:`get_converter` (and slime's ``_LOADERS``, :data:`gemma4.slime.loader.LOADERS`) know.
@@ -115,9 +134,52 @@ def resolve_target(args: Any) -> tuple[Gemma4TextSpec, str]:
 
 
 def convert_gemma4_to_hf(args: Any, name: str, param: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    """One gathered Megatron parameter -> its HF ``(name, tensor)`` pairs, the geometry from ``args``."""
+    """One gathered Megatron parameter -> its HF ``(name, tensor)`` pairs, the geometry from ``args``
+    (``args.expert_model_parallel_size`` > 1 refuses rank-local ``local_experts`` names)."""
     spec, prefix = resolve_target(args)
-    return param_to_hf(name, param, spec, prefix)
+    ep_size = int(getattr(args, "expert_model_parallel_size", None) or 1)
+    return param_to_hf(name, param, spec, prefix, ep_size=ep_size)
+
+
+_SEQUENTIAL_EXPERT = re.compile(
+    r"^(?P<head>(?:module\.)*(?:language_model\.)?decoder\.layers\.\d+\.mlp\.experts)"
+    r"\.local_experts\.(?P<i>\d+)\.(?P<fc>linear_fc[12])\.weight$"
+)
+
+
+def slime_global_expert_name(name: str, ep_rank: int, ep_size: int, num_experts: int) -> str:
+    """A SequentialMLP expert name with its rank-local index ``i`` -> TE's grouped name with the global index
+    ``ep_rank * num_experts // ep_size + i`` (the form slime itself makes global); other names unchanged."""
+    m = _SEQUENTIAL_EXPERT.match(name)
+    if m is None:
+        return name
+    if num_experts % ep_size:
+        raise InvalidInputError(f"{num_experts} experts do not split over expert-parallel size {ep_size}")
+    e = ep_rank * (num_experts // ep_size) + int(m.group("i"))
+    return f"{m.group('head')}.{m.group('fc')}.weight{e}"
+
+
+def with_global_expert_names(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap slime's ``update_weight.common._named_params_and_buffers_global(args, model)`` so SequentialMLP
+    experts come out under :func:`slime_global_expert_name` (EP rank and size from Megatron's
+    ``parallel_state``, ``num_experts`` from ``args.num_experts``). Install by assigning the result back to
+    that module attribute: ``named_params_and_buffers`` looks it up at call time, so every slime path that
+    names parameters (tensor/distributed weight sync, the HF checkpoint saver) sees global indices."""
+
+    def named_params_and_buffers_global_experts(args, model, *rest, **kwargs):
+        from megatron.core import parallel_state as mpu
+
+        ep_size = mpu.get_expert_model_parallel_world_size()
+        ep_rank = mpu.get_expert_model_parallel_rank()
+        num_experts = int(getattr(args, "num_experts", None) or 0)
+        for name, tensor in original(args, model, *rest, **kwargs):
+            if num_experts:
+                name = slime_global_expert_name(name, ep_rank, ep_size, num_experts)
+            yield name, tensor
+
+    named_params_and_buffers_global_experts.__wrapped__ = original
+    named_params_and_buffers_global_experts.gemma4_hook = True
+    return named_params_and_buffers_global_experts
 
 
 def get_converter(model_name: str) -> Callable[[Any, str, torch.Tensor], list[tuple[str, torch.Tensor]]]:

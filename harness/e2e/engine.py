@@ -4,8 +4,12 @@ It plays SGLang's part in slime: it decodes with a KV cache (greedy, or sampled 
 no top-k / top-p, so the sampler draws from exactly the policy whose log-probs are reported), returns
 the log-prob of every generated token as computed at generation time, and receives new weights through
 :meth:`RolloutEngine.load_weights` as ``(hf_name, tensor)`` pairs, bucket by bucket, the way SGLang's
-``update_weights_from_tensor`` does. Per-expert slices (``layers.{L}.experts.{e}.gate_up_proj``) are
-written into row ``e`` of the fused HF parameter, as SGLang's FusedMoE ``weight_loader`` does.
+``update_weights_from_tensor`` does. Experts arrive under the only per-expert names SGLang 0.5.23 routes,
+``layers.{L}.experts.{e}.{gate,up,down}_proj.weight`` (``(out, in)``; see
+:mod:`gemma4.conversion.streaming`): ``gate_proj`` / ``up_proj`` are written into rows ``:I`` / ``I:`` of
+expert ``e`` of the fused ``experts.gate_up_proj``, ``down_proj`` into expert ``e`` of ``experts.down_proj``,
+as SGLang's FusedMoE ``weight_loader`` (shards ``w1`` / ``w3`` / ``w2``, ``expert_id``) does. Any other
+expert name (e.g. ``experts.{e}.gate_up_proj``, which SGLang skips) is an unknown tensor here.
 
 Generation-time log-probs come from the model's own logits (captured by a forward hook at each decoding
 step, in the run dtype): ``generate`` hands the sampler an fp32 copy of them, which would cap an fp64
@@ -25,7 +29,9 @@ from typing import Any
 
 import torch
 
-_EXPERT_SLICE = re.compile(r"^(?P<head>.*\.experts)\.(?P<e>\d+)\.(?P<kind>gate_up_proj|down_proj)$")
+_EXPERT_SLICE = re.compile(
+    r"^(?P<head>.*\.experts)\.(?P<e>\d+)\.(?P<kind>gate_proj|up_proj|down_proj)\.weight$"
+)
 
 
 @dataclass
@@ -97,14 +103,19 @@ class RolloutEngine:
             for k, v in self.model.state_dict(keep_vars=True).items()
             if not (tied and k == "lm_head.weight")
         }
-        self._expected: set[tuple[str, int | None]] = set()
+        #: (fused or plain HF name, expert, part): part is gate_proj / up_proj / down_proj for experts
+        self._expected: set[tuple[str, int | None, str | None]] = set()
         for name, t in self._targets.items():
-            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-                self._expected.update((name, e) for e in range(t.shape[0]))
+            if name.endswith("experts.gate_up_proj"):
+                self._expected.update(
+                    (name, e, k) for e in range(t.shape[0]) for k in ("gate_proj", "up_proj")
+                )
+            elif name.endswith("experts.down_proj"):
+                self._expected.update((name, e, "down_proj") for e in range(t.shape[0]))
             else:
-                self._expected.add((name, None))
+                self._expected.add((name, None, None))
         self._current: SyncRecord | None = None
-        self._received: set[tuple[str, int | None]] = set()
+        self._received: set[tuple[str, int | None, str | None]] = set()
         self.syncs: list[SyncRecord] = []
 
     # ---- weights ---------------------------------------------------------------------------------------
@@ -123,16 +134,19 @@ class RolloutEngine:
         with torch.no_grad():
             for name, tensor in named_tensors:
                 m = _EXPERT_SLICE.match(name)
-                key: tuple[str, int | None]
+                key: tuple[str, int | None, str | None]
                 if m is not None:
-                    fused = f"{m.group('head')}.{m.group('kind')}"
-                    key = (fused, int(m.group("e")))
+                    kind, e = m.group("kind"), int(m.group("e"))
+                    fused = f"{m.group('head')}.{'down_proj' if kind == 'down_proj' else 'gate_up_proj'}"
+                    key = (fused, e, kind)
                     target = self._targets.get(fused)
-                    if target is not None and key[1] >= target.shape[0]:
+                    if target is not None and e >= target.shape[0]:
                         target = None
-                    dst = None if target is None else target[key[1]]
+                    dst = None if target is None else target[e]
+                    if dst is not None and kind != "down_proj":  # rows [gate; up] of gate_up_proj[e]
+                        dst = dst.chunk(2, dim=0)[0 if kind == "gate_proj" else 1]
                 else:
-                    key = (name, None)
+                    key = (name, None, None)
                     dst = self._targets.get(name)
                 if dst is None:
                     rec.errors.append(f"unknown tensor {name!r}")
@@ -163,7 +177,8 @@ class RolloutEngine:
             raise RuntimeError("end_sync without begin_sync")
         rec.megatron_params = megatron_params
         rec.missing = sorted(
-            name if e is None else f"{name}[{e}]" for name, e in self._expected - self._received
+            name if e is None else f"{name}[{e}]" + ("" if kind == "down_proj" else f".{kind}")
+            for name, e, kind in self._expected - self._received
         )
         self.syncs.append(rec)
         self._current = None

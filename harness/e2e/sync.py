@@ -1,8 +1,9 @@
 """Megatron -> rollout-engine weight sync, fed to the streaming converter the way slime feeds it.
 
 slime (``update_weight_utils``) walks the trainer's parameters in order, all-gathers each one across
-tensor parallelism (and, for experts, across expert parallelism, renaming local experts to their global
-index), collects the gathered tensors into buckets of ``update_weight_buffer_size`` bytes, converts each
+tensor parallelism (and, for experts, across expert parallelism; SequentialMLP experts renamed to TE's
+grouped form with their global index by :func:`gemma4.slime.weight_sync.slime_global_expert_name`, as
+``with_global_expert_names`` does inside slime, whose own rule keeps them rank-local), collects the gathered tensors into buckets of ``update_weight_buffer_size`` bytes, converts each
 bucket with ``convert_<model>_to_hf(args, name, param)`` (names as the wrapped model gives them:
 ``module.module.decoder.layers.{L}...``) and pushes the HF tensors to the engine.
 
@@ -19,8 +20,8 @@ from typing import Any
 
 import torch
 
-from gemma4.parallel import gather_like, global_expert_name
-from gemma4.slime.weight_sync import convert_gemma4_to_hf
+from gemma4.parallel import gather_like
+from gemma4.slime.weight_sync import convert_gemma4_to_hf, slime_global_expert_name
 
 WRAPPER_PREFIX = "module.module."  # DDP(Float16Module(model)), as slime's names arrive
 _EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.\d+\.")
@@ -59,7 +60,7 @@ def iter_global_params(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tens
                     t = gather_like(_all_gather(t, ps.get_expert_tensor_parallel_group()), param)
                 if ep > 1:
                     for ep_rank, full in enumerate(_all_gather(t, ps.get_expert_model_parallel_group())):
-                        yield global_expert_name(name, ep_rank, ep, num_experts), full
+                        yield slime_global_expert_name(name, ep_rank, ep, num_experts), full
                     continue
             elif sharded and tp > 1:
                 t = gather_like(_all_gather(t, ps.get_tensor_model_parallel_group()), param)
@@ -71,6 +72,10 @@ def sync_weights(
 ) -> Any | None:
     """Push ``model``'s weights into ``engine`` (rank 0; ``None`` elsewhere) in buckets through
     ``convert_gemma4_to_hf``. Collective. Returns the engine's :class:`SyncRecord` on rank 0."""
+    from megatron.core import parallel_state as ps
+
+    if getattr(args, "expert_model_parallel_size", None) is None:  # slime's args carry it
+        args.expert_model_parallel_size = ps.get_expert_model_parallel_world_size()
     if engine is not None:
         engine.begin_sync(index)
     bucket: list[tuple[str, torch.Tensor]] = []

@@ -187,18 +187,49 @@ def test_experts_stream_one_at_a_time_and_restack_to_hf():
     assert (
         key_contract_failures(
             produced,
-            [f"model.layers.3.experts.{e}.{k}" for e in range(4) for k in ("gate_up_proj", "down_proj")],
+            [
+                f"model.layers.3.experts.{e}.{k}.weight"
+                for e in range(4)
+                for k in ("gate_proj", "up_proj", "down_proj")
+            ],
         )
         == []
     )
+    per_expert = dict(p for name, t in calls for p in convert_gemma4_to_hf(args, name, t))
+    assert torch.equal(per_expert["model.layers.3.experts.2.gate_proj.weight"], gate_up[2][:5])  # (out, in)
+    assert torch.equal(per_expert["model.layers.3.experts.2.up_proj.weight"], gate_up[2][5:])
+    assert torch.equal(per_expert["model.layers.3.experts.1.down_proj.weight"], down[1])
     got = dict(fused)
     assert sorted(got) == ["model.layers.3.experts.down_proj", "model.layers.3.experts.gate_up_proj"]
     assert torch.equal(got["model.layers.3.experts.gate_up_proj"], gate_up)
     assert torch.equal(got["model.layers.3.experts.down_proj"], down)
     assert stacker.pending == {}
     with pytest.raises(InvalidInputError, match="arrived twice"):
-        stacker.add("model.layers.3.experts.0.down_proj", down[0])
-        stacker.add("model.layers.3.experts.0.down_proj", down[0])
+        stacker.add("model.layers.3.experts.0.down_proj.weight", down[0])
+        stacker.add("model.layers.3.experts.0.down_proj.weight", down[0])
+
+
+def test_rank_local_expert_names_are_refused_at_ep_above_one():
+    """slime leaves SequentialMLP expert indices rank-local; at EP > 1 such a name is refused, named; the
+    global TE-style name (what ``with_global_expert_names`` makes) is accepted."""
+    import types
+
+    from gemma4.slime.weight_sync import slime_global_expert_name
+
+    spec = text_spec_from_any(
+        preset_config_dict("tiny-26b-a4b") | {"num_experts": 4, "moe_intermediate_size": 5}
+    )
+    local = "module.module.decoder.layers.3.mlp.experts.local_experts.1.linear_fc2.weight"
+    args = types.SimpleNamespace(gemma4_text_spec=spec, expert_model_parallel_size=2)
+    with pytest.raises(InvalidInputError, match="expert-parallel size 2.*rank-local"):
+        convert_gemma4_to_hf(args, local, torch.zeros(64, 5))
+    glob = slime_global_expert_name(local, ep_rank=1, ep_size=2, num_experts=4)
+    assert glob == "module.module.decoder.layers.3.mlp.experts.linear_fc2.weight3"
+    assert [n for n, _ in convert_gemma4_to_hf(args, glob, torch.zeros(64, 5))] == [
+        "model.layers.3.experts.3.down_proj.weight"
+    ]
+    with pytest.raises(InvalidInputError, match="names expert 4; the model has 4"):
+        convert_gemma4_to_hf(args, glob[:-1] + "4", torch.zeros(64, 5))
 
 
 def test_rewritten_config_is_reread(tmp_path):

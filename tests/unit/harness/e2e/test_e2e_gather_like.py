@@ -85,6 +85,10 @@ def test_sync_stream_rebuilds_the_full_weights_on_every_rank(preset, tp, ep):
     results = run_distributed(
         _roundtrip_rank, Parallelism(tp=tp, ep=ep, sequence_parallel=sp), spec, full, tp, ep, sp, timeout=120
     )
+    from gemma4.slime.weight_sync import slime_global_expert_name
+
+    # experts travel under slime's grouped global names (``experts.linear_fc1.weight{e}``), the rest as in TP 1
+    full = {slime_global_expert_name(k, 0, 1, spec.num_experts or 1): v for k, v in full.items()}
     for rank, got in enumerate(results):
         assert sorted(got) == sorted(full), f"rank {rank}: names differ"
         bad = [k for k in full if not torch.equal(got[k], full[k])]

@@ -105,9 +105,10 @@ def test_engine_names_every_refused_tensor(engine):
             ("model.embed_tokens.weight", emb.detach().clone()),
             ("model.norm.weight", torch.zeros(3, dtype=torch.float64)),
             ("model.layers.0.input_layernorm.weight", torch.zeros(64, dtype=torch.float32)),
-            ("model.layers.0.experts.9.down_proj", torch.zeros(64, 16, dtype=torch.float64)),
+            ("model.layers.0.experts.9.down_proj.weight", torch.zeros(64, 16, dtype=torch.float64)),
+            ("model.layers.0.experts.2.gate_up_proj", torch.zeros(32, 64, dtype=torch.float64)),
             ("lm_head.weight", emb.detach().clone()),  # tied: never a tensor of its own
-            ("model.layers.0.experts.3.down_proj", torch.ones(64, 16, dtype=torch.float64)),
+            ("model.layers.0.experts.3.down_proj.weight", torch.ones(64, 16, dtype=torch.float64)),
         ]
     )
     rec = engine.end_sync(megatron_params=8)
@@ -117,7 +118,8 @@ def test_engine_names_every_refused_tensor(engine):
         "'model.embed_tokens.weight' received twice",
         "'model.norm.weight': shape (3,)",
         "dtype torch.float32",
-        "unknown tensor 'model.layers.0.experts.9.down_proj'",
+        "unknown tensor 'model.layers.0.experts.9.down_proj.weight'",
+        "unknown tensor 'model.layers.0.experts.2.gate_up_proj'",  # the name SGLang skips
         "unknown tensor 'lm_head.weight'",
     ):
         assert needle in errors
@@ -127,6 +129,7 @@ def test_engine_names_every_refused_tensor(engine):
     )
     assert "model.layers.0.experts.down_proj[2]" in rec.missing
     assert "model.layers.0.experts.down_proj[3]" not in rec.missing
+    assert "model.layers.0.experts.gate_up_proj[2].up_proj" in rec.missing
     assert "model.embed_tokens.weight" not in rec.missing and "model.norm.weight" in rec.missing
     assert rec.to_json()["num_missing"] == len(rec.missing) > 10
 

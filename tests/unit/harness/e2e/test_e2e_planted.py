@@ -82,14 +82,33 @@ def test_gate_up_swapped_in_sync_is_caught(monkeypatch, preset):
                 hf_name = hf_name.replace("gate_proj", "up_proj")
             elif hf_name.endswith("mlp.up_proj.weight"):
                 hf_name = hf_name.replace("up_proj", "gate_proj")
-            elif hf_name.endswith("gate_up_proj"):
-                gate, up = t.chunk(2, dim=0)
-                t = torch.cat([up, gate], dim=0)
+            elif hf_name.endswith(".gate_proj.weight") and ".experts." in hf_name:
+                hf_name = hf_name.replace(".gate_proj.", ".up_proj.")
+            elif hf_name.endswith(".up_proj.weight") and ".experts." in hf_name:
+                hf_name = hf_name.replace(".up_proj.", ".gate_proj.")
             out.append((hf_name, t))
         return out
 
     monkeypatch.setattr(e2e_sync, "convert_gemma4_to_hf", swapped)
     _assert_red(_run(preset=preset), "iteration 0: train/rollout log-prob gap", iteration=0)
+
+
+def test_old_per_expert_names_are_caught(monkeypatch):
+    """Experts sent as ``experts.{e}.gate_up_proj`` / ``experts.{e}.down_proj`` (names SGLang skips)."""
+    real = e2e_sync.convert_gemma4_to_hf
+
+    def old_names(args, name, param):
+        out = real(args, name, param)
+        if out and ".experts." in out[0][0]:
+            head = out[0][0].rsplit(".", 2)[0]
+            if out[0][0].endswith("down_proj.weight"):
+                return [(f"{head}.down_proj", out[0][1])]
+            return [(f"{head}.gate_up_proj", torch.cat([out[0][1], out[1][1]]))]
+        return out
+
+    monkeypatch.setattr(e2e_sync, "convert_gemma4_to_hf", old_names)
+    result = _run(preset="tiny-26b-a4b")
+    _assert_red(result, "iteration 0: train/rollout log-prob gap", "experts.0.gate_up_proj", iteration=0)
 
 
 def test_mask_shifted_by_one_token_is_caught(monkeypatch):
@@ -135,7 +154,14 @@ def test_tp_gather_ignoring_partition_stride_is_caught(monkeypatch):
 @pytest.mark.xdist_group("multiprocess")
 def test_ep_local_expert_index_is_caught(monkeypatch):
     """Experts of every EP rank sent under their local index: experts 0..3 arrive twice, 4..7 never."""
-    monkeypatch.setattr(e2e_sync, "global_expert_name", lambda name, ep_rank, ep, num_experts: name)
+    from gemma4.slime.weight_sync import slime_global_expert_name
+
+    # slime's own rule for non-TE names: the rank-local index (offset 0 on every EP rank)
+    monkeypatch.setattr(
+        e2e_sync,
+        "slime_global_expert_name",
+        lambda name, ep_rank, ep, num_experts: slime_global_expert_name(name, 0, ep, num_experts),
+    )
     result = _run(preset="tiny-26b-a4b", ep=2)
     _assert_red(
         result,

@@ -57,7 +57,8 @@ def require_reference() -> Callable[[str], Path]:
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    """``--goldens-update``: the per-case goldens gate (tests/unit/goldens/test_goldens_repo.py) re-records each
+    """``--impl``: the implementation under test of the parity tests (fixture ``impl``).
+    ``--goldens-update``: the per-case goldens gate (tests/unit/harness/goldens/test_goldens_repo.py) re-records each
     case whose check is not ok, through ``gemma4-harness goldens record``'s code path, then fails it once."""
     parser.addoption(
         "--goldens-update",
@@ -65,6 +66,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="re-record every golden whose check fails (then the test fails once: review the diff and rerun)",
     )
+    parser.addoption(
+        "--impl",
+        default=None,
+        metavar="NAME|module:attr",
+        help="implementation under test for the parity tests (the `impl` fixture; default gemma4-mcore, "
+        "ours): gemma4-mcore, slime-pr2135, slime-pr2135+fixes, slime-pr2135+FIX[,FIX], or module:attr",
+    )
+
+
+@pytest.fixture(scope="session")
+def impl(request: pytest.FixtureRequest):
+    """The implementation under test named by ``--impl`` (default: ours, :data:`harness.parity.impl.OURS`).
+    Reference data it needs that is missing skips (fails under ``GEMMA4_REQUIRE_SHARED=1``) with the reason."""
+    from harness.impls import resolve_impl
+
+    chosen = resolve_impl(request.config.getoption("--impl"))
+    if chosen.name.startswith("slime-pr2135"):
+        require_reference_data("slime-pr2135")
+        require_reference_data("megatron-lm")
+    return chosen
 
 
 def pytest_make_parametrize_id(config: pytest.Config, val: object, argname: str) -> str | None:

@@ -21,6 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from harness.cli_paths import IN_DIR, IN_FILE, OUT_DIR, OUT_FILE, declare
     from harness.commands._options import add_budget, add_seed, bounded_int, preset_help, preset_name
     from harness.exit_codes import epilog
+    from harness.impls import impl_help
 
     p = sub.add_parser(
         "parity",
@@ -48,6 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--ep", type=int, default=1, help="expert parallel size (MoE; EP ranks split the batch)")
     p.add_argument("--sequence-parallel", action="store_true", help="sequence parallelism (needs --tp > 1)")
+    p.add_argument("--impl", metavar="NAME|module:attr", default=None, help=impl_help())
     p.add_argument("--dump", type=Path, help="write inputs/megatron/hf safetensors into this directory")
     p.add_argument("--json", type=Path, help="write the result as JSON")
     add_budget(p)
@@ -92,6 +94,9 @@ def run(args: argparse.Namespace) -> ParityResult:
     layout = RunLayout(
         tp=args.tp, cp=args.cp, ep=args.ep, sequence_parallel=args.sequence_parallel, packed=packed
     )
+    from harness.impls import resolve_impl
+
+    impl = resolve_impl(args.impl)
     source = resolve_source(args.preset, args.hf_config, args.hf_checkpoint)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     result = run_parity(
@@ -104,6 +109,7 @@ def run(args: argparse.Namespace) -> ParityResult:
         layout=layout,
         timeout=args.deadline,
         force=args.force,
+        impl=impl,
     )
     if args.dump:
         write_dump(args.dump, result.tensors)

@@ -19,6 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the ``report`` subcommand."""
     from harness.cli_paths import IN_DIR, OUT_DIR, OUT_FILE, declare
     from harness.commands._options import add_budget, add_seed, bounded_int, preset_help
+    from harness.impls import impl_help
     from harness.report.layouts import LAYOUTS
 
     p = sub.add_parser(
@@ -45,6 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="parallel layout (repeatable; default: every registered one): "
         + ", ".join(layout["name"] for layout in LAYOUTS),
     )
+    p.add_argument("--impl", metavar="NAME|module:attr", default=None, help=impl_help())
     p.add_argument("--batch", type=bounded_int("--batch", 1), default=None)
     p.add_argument("--seq-len", type=bounded_int("--seq-len", 2), default=None)
     add_seed(p)
@@ -73,6 +75,9 @@ def run(args: argparse.Namespace) -> Result:
     if unknown:
         raise InvalidInputError(f"--preset {unknown[0]!r} is unknown; presets: {', '.join(PRESETS)}")
     layouts = select_layouts(args.layout)
+    from harness.impls import resolve_impl
+
+    impl = resolve_impl(args.impl)
     batch = DEFAULT_BATCH if args.batch is None else args.batch
     seq_len = DEFAULT_SEQ_LEN if args.seq_len is None else args.seq_len
     if batch < 1 or seq_len < 2:
@@ -87,6 +92,7 @@ def run(args: argparse.Namespace) -> Result:
 
     for preset in presets:  # before any run: the largest row of each preset (fp64, the widest layout)
         spec = text_spec_from_any(preset_config_dict(preset))
+        impl.supports(spec)  # reference data an implementation needs and lacks: exit 2 before any run
         world = max(getattr(lay["kwargs"].get("layout"), "world_size", 1) for lay in layouts)
         forced = check_budget(
             estimate_run(spec, torch.float64, batch, seq_len, grads=False, world_size=world),
@@ -107,6 +113,7 @@ def run(args: argparse.Namespace) -> Result:
         goldens_only=args.goldens_only,
         show_progress=args.progress,
         timeout=args.deadline,
+        impl=impl,
     )
     written = write_report(data, args.out, args.junit)
     lines = [f"report: {written['html']}  summary: {written['markdown']}"]

@@ -143,6 +143,13 @@ def parse_megatron_args(
         args.apply_rope_fusion = False
     if args.seq_length is None:
         args.seq_length = args.max_position_embeddings
+    # validate_args (arguments.py: "moe_router_load_balancing_type" / "moe_aux_loss_coeff") turns a
+    # one-element list into its element; without it a provider that sets one of the two as a scalar (slime
+    # #2135's _apply_moe_config sets moe_aux_loss_coeff = 0.0) trips TransformerConfig's length check.
+    for name in ("moe_router_load_balancing_type", "moe_aux_loss_coeff"):
+        value = getattr(args, name, None)
+        if isinstance(value, list) and len(value) == 1:
+            setattr(args, name, value[0])
     for k, v in (extra or {}).items():
         setattr(args, k, v)
     return args

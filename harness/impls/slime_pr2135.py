@@ -22,6 +22,10 @@ in :mod:`harness.compat`:
   The bridge's own name mapping and ``_weight_to_mcore_format`` do the work; the dispatch by name
   (direct / attention / MLP / other) that mbridge's ``Bridge`` does is re-done here (:func:`_bridge_hf_names`).
 
+:class:`SlimePR2135` is the plugin the harness runs (``--impl slime-pr2135``, ``slime-pr2135+fixes``,
+``slime-pr2135+FIX[,FIX]``: :func:`harness.parity.run.run_parity`, the same pipeline and judge as our model).
+:func:`compare` is a lighter per-layer comparison kept for exploration.
+
 :data:`FIXES` holds the minimal fixes for what the harness found (see ``FINDINGS``), each a function that
 monkeypatches their code from outside for the duration of a ``with`` block; nothing in the reference copy is
 edited.
@@ -642,3 +646,163 @@ def fix_fp64_islands(env: dict[str, types.ModuleType]) -> Iterator[None]:
 
 
 FIXES["fp64_islands"] = fix_fp64_islands
+
+
+# ---- the implementation under test (harness/parity/impl.py) ---------------------------------------------
+
+ALL_FIXES: tuple[str, ...] = ("layer_types", "global_rope", "sliding_window", "fp64_islands")
+
+
+def parse_fixes(text: str) -> tuple[str, ...]:
+    """``fixes`` (every one) or a comma-separated list of :data:`FIXES` names; unknown names raise."""
+    from gemma4.errors import InvalidInputError
+
+    if text == "fixes":
+        return ALL_FIXES
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in FIXES]
+    if unknown or not names:
+        raise InvalidInputError(
+            f"{NAME}+{text}: unknown fix {unknown[0] if unknown else text!r}; "
+            f"fixes: 'fixes' (all) or a comma-separated subset of {', '.join(FIXES)}"
+        )
+    return tuple(n for n in ALL_FIXES if n in names)
+
+
+@dataclass(frozen=True)
+class SlimePR2135:
+    """slime PR #2135's Gemma 4 as an :class:`~harness.parity.impl.ImplementationUnderTest`.
+
+    ``fixes`` names entries of :data:`FIXES` applied from outside (``()``: their code as written). Declared
+    precision ``fp32-islands`` (their VNorm and RoPE tables compute in fp32 inside an fp64 run, see
+    :func:`fix_fp64_islands`) unless the ``fp64_islands`` fix is applied, then ``reordered`` (their own GEMM
+    packing and attention kernels). ``fp64_islands`` is a precision fix for fp64 runs only: in fp32 / bf16
+    runs it is not applied (their fp32 norm is what HF does there).
+
+    Runs the single process (TP = CP = EP = 1), plain and packed (THD with ``cu_seqlens``); forward only.
+    Activations are captured at the embedding, each layer's attention / dense MLP / routed experts / output,
+    the final norm and the logits: every point of :func:`harness.parity.capture.capture_order`.
+    """
+
+    fixes: tuple[str, ...] = ()
+    hf_config: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        if not self.fixes:
+            return NAME
+        if set(self.fixes) == set(ALL_FIXES):
+            return f"{NAME}+fixes"
+        return f"{NAME}+{','.join(self.fixes)}"
+
+    @property
+    def precision(self) -> str:
+        return "reordered" if "fp64_islands" in self.fixes else "fp32-islands"
+
+    def for_source(self, source: Any) -> SlimePR2135:
+        """This implementation bound to the HF config of ``source`` (their provider reads a ``config.json``)."""
+        import dataclasses
+
+        return dataclasses.replace(self, hf_config=source.hf_config.to_dict())
+
+    def supports(self, spec: Any) -> str | None:
+        from harness.reference_data import reference_path
+
+        slime_dir()  # no reference copy: ReferenceDataUnavailable (exit 2, says how to provide it)
+        reference_path("megatron-lm")
+        if spec.ple_dim:
+            return (
+                "per-layer embeddings (E-series, hidden_size_per_layer_input) are not implemented in slime "
+                "#2135 (_assert_hf_features_supported, gemma4.py:1035)"
+            )
+        if any(spec.kv_sharing_reuse):
+            return (
+                "KV sharing (E-series, num_kv_shared_layers) is not implemented in slime #2135 "
+                "(_assert_hf_features_supported, gemma4.py:1041)"
+            )
+        return None
+
+    def supports_run(self, layout: Any, grads: bool) -> str | None:
+        """What this plugin cannot run besides the config: sharded layouts and gradients."""
+        if layout.world_size > 1:
+            return (
+                f"layout {layout.name} (TP/CP/EP > 1): the plugin loads weights single-process only "
+                "(sharded loading through their bridge is not written)"
+            )
+        if grads:
+            return "--grads: mapping their parameter gradients back to HF names is not written"
+        return None
+
+    def run(self, rank, world, spec, dtype, full_weights, seq, layout, ref_grads):
+        from gemma4.conversion.mapping import mcore_to_hf
+        from gemma4.errors import InvalidInputError
+        from harness.parity.impl import ImplementationBroken, RankResult
+
+        why = self.supports_run(layout, ref_grads is not None)
+        if why or world != 1:
+            raise InvalidInputError(f"{self.name} cannot run this: {why or 'more than one rank'}")
+        if self.hf_config is None:
+            raise InvalidInputError(f"{self.name}: needs the HF config (use .for_source(source))")
+        config = dict(self.hf_config)
+        hf_state = mcore_to_hf(full_weights, spec)
+        fixes = tuple(f for f in self.fixes if f != "fp64_islands" or dtype == torch.float64)
+        lengths = None
+        if layout.packed:
+            cu = seq.cu_padded.tolist()
+            lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+        with build(config, dtype, hf_state, fixes=fixes) as sm:
+            try:
+                load_hf_weights(sm, hf_state)
+            except InvalidInputError as exc:  # their model does not fit the HF weights: their defect
+                import re
+
+                m = re.match(r"decoder\.layers\.(\d+)\.(self_attention|mlp)", str(exc))
+                point = (
+                    f"layer.{m.group(1)}.{'attention' if m.group(2) == 'self_attention' else 'mlp'}"
+                    if m
+                    else None
+                )
+                raise ImplementationBroken(f"its weights do not fit its model: {exc}", point) from None
+            acts: dict[str, torch.Tensor] = {}
+            with _capture(sm.model, acts):
+                logits, _ = forward(sm, seq.ids, packed=lengths)
+        return RankResult(0, 0, 0, 0, acts, logits.detach())
+
+
+@contextlib.contextmanager
+def _capture(model: torch.nn.Module, store: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Their activations at the harness's capture points (``[s, b, h]`` -> ``[b, s, h]``): the embedding
+    (what layer 0 receives, after their scale hook), each layer's attention output (before its post-attention
+    norm, like HF's ``self_attn``), dense MLP output (``mlp``, or ``dense_mlp`` on MoE layers), routed experts
+    after ``post_feedforward_layernorm_2``, the layer's output, and the final norm."""
+
+    def put(key: str, t: Any) -> None:
+        t = t[0] if isinstance(t, tuple) else t
+        store[key] = t.detach().transpose(0, 1).clone()
+
+    layers = model.decoder.layers
+    hooks = [
+        layers[0].register_forward_pre_hook(
+            lambda m, args, kwargs: put("embedding", kwargs.get("hidden_states", args[0] if args else None)),
+            with_kwargs=True,
+        )
+    ]
+    for idx, layer in enumerate(layers):
+        if getattr(layer, "enable_moe_block", False):
+            points = [
+                (layer.self_attention, "attention"),
+                (layer.dense_mlp, "mlp"),
+                (layer.post_feedforward_layernorm_2, "experts"),
+                (layer, "output"),
+            ]
+        else:
+            points = [(layer.self_attention, "attention"), (layer.mlp, "mlp"), (layer, "output")]
+        for sub, name in points:
+            key = f"layer.{idx}.{name}"
+            hooks.append(sub.register_forward_hook(lambda m, i, o, key=key: put(key, o)))
+    hooks.append(model.decoder.final_layernorm.register_forward_hook(lambda m, i, o: put("final_norm", o)))
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()

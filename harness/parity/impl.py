@@ -5,8 +5,15 @@ The pipeline (:func:`harness.parity.run.run_parity`) and the judge see an implem
 gloo ranks under TP/CP/EP, or the single process) and answers with a :class:`RankResult`. Rank results are
 assembled into full-sequence tensors by :func:`harness.parity.megatron_side._assemble` (Megatron's TP/CP/DP
 layout), compared with the reference and judged by :mod:`harness.parity.judge` the same way for every
-implementation. :data:`OURS` (this repo's Megatron-Core Gemma 4) is the default; there is no plugin
-loading: a second implementation is another object satisfying the protocol, passed as ``impl=``.
+implementation. :data:`OURS` (this repo's Megatron-Core Gemma 4) is the default; others are passed as
+``impl=`` (named ones and ``module:attr`` loading: :func:`harness.impls.resolve_impl`, ``--impl``).
+
+Two optional methods, looked up with ``getattr`` by :func:`harness.parity.run.run_parity`:
+``for_source(source) -> impl`` (the implementation bound to the run's :class:`~harness.parity.source.
+ParitySource`, e.g. to write the HF ``config.json`` its provider reads) and ``supports_run(layout, grads)
+-> str | None`` (a reason it cannot run this layout or compare gradients; exit 2 before any work).
+An implementation may capture a subset of :func:`harness.parity.capture.capture_order`: the points it does
+not report are listed as not captured in the result's notes, never compared as zeros.
 """
 
 from __future__ import annotations
@@ -24,8 +31,22 @@ if TYPE_CHECKING:
 #: ``mirrored``: op for op the reference's math in the run dtype, so a single-process bf16 run is gated at
 #: the mirrored (bitwise-level) bounds and only layouts that reorder sums (TP, CP, packed, MoE) get the
 #: reference-noise floor; ``reordered``: sums in its own order (fused kernels...), so every fp32 / bf16 run
-#: gets the noise floor (:func:`harness.tolerances.reordered`). fp64 is gated at the exact bounds either way.
-Precision = Literal["mirrored", "reordered"]
+#: gets the noise floor (:func:`harness.tolerances.reordered`). fp64 is gated at the exact bounds either way,
+#: except ``fp32-islands``: parts of the computation (norms, RoPE tables...) stay in fp32 inside an fp64 run,
+#: so the fp64 exact gate (1e-9) is not applicable: an fp64 run is gated at
+#: :data:`harness.tolerances.FP64_FP32_ISLANDS` and says so; fp32 / bf16 runs are gated as ``reordered``.
+Precision = Literal["mirrored", "reordered", "fp32-islands"]
+PRECISIONS: tuple[str, ...] = ("mirrored", "reordered", "fp32-islands")
+
+
+class ImplementationBroken(Exception):
+    """The implementation under test cannot build or load the model for a config it claims to support (its
+    own defect, not invalid input): parity fails (exit 1) with ``point`` (a capture point name, e.g.
+    ``layer.6.attention``) as the first divergence."""
+
+    def __init__(self, message: str, point: str | None = None):
+        super().__init__(message)
+        self.point = point
 
 
 @dataclass

@@ -18,14 +18,19 @@ from harness.budget import check_budget, estimate_run
 from harness.compare import logit_stats
 from harness.parity import megatron_side, reference_side
 from harness.parity.capture import capture_order
-from harness.parity.impl import OURS, ImplementationUnderTest, RankResult
+from harness.parity.impl import OURS, ImplementationBroken, ImplementationUnderTest, RankResult
 from harness.parity.inputs import cu_seqlens_of, make_inputs, pad_sequences
 from harness.parity.judge import GradientErrors, judge, point_diffs
 from harness.parity.layout import RunLayout, validate_layout
 from harness.parity.result import ParityResult, ParityTensors
 from harness.parity.source import ParitySource
 from harness.provenance import software_versions
-from harness.tolerances import Tolerance, reordered, tolerance_for
+from harness.tolerances import FP64_EXACT, FP64_FP32_ISLANDS, Tolerance, reordered, tolerance_for
+
+
+class UnsupportedByImplementation(InvalidInputError):
+    """The implementation under test cannot run this config or layout (exit 2): reported as unsupported,
+    never as a numerical failure."""
 
 
 def _rank_as_dict(rank: int, world: int, impl: ImplementationUnderTest, *args) -> dict:
@@ -65,8 +70,12 @@ def run_parity(
         raise InvalidInputError(f"--batch must be >= 1 and --seq-len >= 2 (got {batch}, {seq_len})")
     spec = source.spec
     unsupported = impl.supports(spec)
+    if unsupported is None and hasattr(impl, "supports_run"):
+        unsupported = impl.supports_run(layout, grads)
     if unsupported is not None:
-        raise InvalidInputError(f"{impl.name} cannot run {source.label}: {unsupported}")
+        raise UnsupportedByImplementation(f"{impl.name} cannot run {source.label}: {unsupported}")
+    if hasattr(impl, "for_source"):
+        impl = impl.for_source(source)
     validate_layout(spec, layout, batch, seq_len)
     # Nothing is allocated before the estimate: a config or flag asking for terabytes is refused (exit 2).
     forced = check_budget(
@@ -76,6 +85,15 @@ def run_parity(
     )
     source.materialize()
     tol = tolerance or tolerance_for(dtype)
+    notes: list[str] = []
+    if impl.name != OURS.name:
+        notes.append(f"implementation under test: {impl.name} (precision {impl.precision})")
+    if tolerance is None and dtype == torch.float64 and impl.precision == "fp32-islands":
+        tol = FP64_FP32_ISLANDS
+        notes.append(
+            f"fp64 exact gate ({FP64_EXACT.activations_max_scaled:.0e}): not applicable: fp32 islands "
+            f"({impl.name} declares precision fp32-islands); gated at {tol.name}"
+        )
 
     # ---- the reference ----
     t0 = time.perf_counter()
@@ -103,7 +121,26 @@ def run_parity(
     args = (spec, dtype, full_weights, seq, layout, ref_grads)
     if layout.world_size == 1:
         init_single_process()
-        results = [impl.run(0, 1, *args)]
+        try:
+            results = [impl.run(0, 1, *args)]
+        except ImplementationBroken as exc:
+            nan_logits = torch.full_like(ref_logits.detach(), float("nan"))
+            return _broken(
+                exc,
+                spec,
+                source=source.label,
+                dtype=str(dtype).removeprefix("torch."),
+                batch=batch,
+                seq_len=seq_len,
+                seed=seed,
+                layout=layout,
+                tolerance=tol,
+                config=spec.to_json_dict(),
+                notes=source.notes + ([forced] if forced else []) + notes,
+                versions=software_versions(),
+                tensors=ParityTensors(ids, cu if layout.packed else None, nan_logits, ref_logits.detach()),
+                impl=impl.name,
+            )
     else:
         par = Parallelism(
             tp=layout.tp, cp=layout.cp, ep=layout.ep, sequence_parallel=layout.sequence_parallel
@@ -115,7 +152,11 @@ def run_parity(
     t_ours = time.perf_counter() - t1
 
     # ---- compare and judge ----
-    points = point_diffs(our_acts, ref_acts, capture_order(spec))
+    order = capture_order(spec)
+    not_captured = [p for p in order if p not in our_acts]
+    if not_captured:
+        notes.append(f"not captured by {impl.name} (not compared): {', '.join(not_captured)}")
+    points = point_diffs(our_acts, ref_acts, [p for p in order if p in our_acts])
     stats = logit_stats(our_logits, ref_logits)
     grad_errors = None
     if grads:
@@ -146,7 +187,7 @@ def run_parity(
         per_point=points,
         grads=grad_errors,
         config=spec.to_json_dict(),
-        notes=source.notes + ([forced] if forced else []),
+        notes=source.notes + ([forced] if forced else []) + notes,
         timings_s={"reference": t_ref, "megatron": t_ours},
         versions=software_versions(),
         tensors=ParityTensors(
@@ -156,4 +197,26 @@ def run_parity(
             hf_logits=ref_logits.detach(),
         ),
         impl=impl.name,
+    )
+
+
+def _broken(exc: ImplementationBroken, spec, **common) -> ParityResult:
+    """A failed result for an implementation that could not build or load its model: nothing was compared
+    (every metric NaN, so nothing can read as a pass); the first divergence is where it broke."""
+    from harness.compare import LogitStats, TensorDiff
+    from harness.parity.capture import describe_point
+
+    nan = float("nan")
+    where = describe_point(spec, exc.point) if exc.point else "model build"
+    return ParityResult(
+        passed=False,
+        logits=TensorDiff(nan, nan, nan, ()),
+        stats=LogitStats(nan, nan, nan, nan),
+        activations_max_scaled=nan,
+        first_divergence=where,
+        failures=[f"{common['impl']} could not build or load the model at {where}: {exc}"],
+        per_point={},
+        grads=None,
+        timings_s={},
+        **common,
     )

@@ -12,6 +12,7 @@ import torch
 from harness.goldens.progress import progress
 
 if TYPE_CHECKING:
+    from harness.parity.impl import ImplementationUnderTest
     from harness.parity.result import ParityResult
 
 
@@ -129,10 +130,14 @@ def run_row(
     seq_len: int,
     seed: int,
     timeout: float | None = None,
+    impl: ImplementationUnderTest | None = None,
 ) -> ParityRow:
     """One parity run. Anything it raises (a preset the model refuses, a layout that does not fit the preset,
-    a crash) becomes the row's error: the report goes on and the row fails."""
+    a crash) becomes the row's error: the report goes on and the row fails. ``impl``: the implementation
+    under test (default ours); one that cannot run the preset or layout gives an ``unsupported`` error."""
     from harness.parity import DTYPES, resolve_source, run_parity
+    from harness.parity.impl import OURS
+    from harness.parity.run import UnsupportedByImplementation
 
     row = ParityRow(preset, dtype, layout["name"])
     try:
@@ -146,8 +151,12 @@ def run_row(
             seed=seed,
             grads=False,
             timeout=timeout,
+            impl=impl or OURS,
             **layout["kwargs"],
         )
+    except UnsupportedByImplementation as exc:
+        row.error = f"unsupported: {exc}"
+        return row
     except Exception as exc:
         row.error = f"{type(exc).__name__}: {exc}"
         return row
@@ -207,6 +216,7 @@ def collect(
     goldens_only: list[str] | None = None,
     show_progress: bool | None = None,
     timeout: float | None = None,
+    impl: ImplementationUnderTest | None = None,
 ) -> ReportData:
     """Run everything the report needs."""
     from harness.goldens.store import producer_versions
@@ -216,7 +226,7 @@ def collect(
     # A layout may apply to some presets only (e.g. expert parallelism needs experts).
     grid = [(p, d, lay) for p in presets for d in dtypes for lay in layouts if lay.get("applies", _always)(p)]
     rows = [
-        run_row(p, d, lay, batch, seq_len, seed, timeout)
+        run_row(p, d, lay, batch, seq_len, seed, timeout, impl)
         for p, d, lay in progress(grid, "parity runs", show_progress, total=len(grid))
     ]
     equivalence = equivalence_rows(rows, layouts[0]["name"])
@@ -230,7 +240,14 @@ def collect(
         equivalence=equivalence,
         layouts=layouts,
         goldens=goldens,
-        settings={"presets": presets, "dtypes": dtypes, "batch": batch, "seq_len": seq_len, "seed": seed},
+        settings={
+            "presets": presets,
+            "dtypes": dtypes,
+            "batch": batch,
+            "seq_len": seq_len,
+            "seed": seed,
+            "impl": (impl.name if impl is not None else "gemma4-mcore"),
+        },
         versions=producer_versions(),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         tolerances=[tolerance_for(DTYPES[d]).to_json() for d in dtypes],

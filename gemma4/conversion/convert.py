@@ -16,7 +16,7 @@ from typing import Any
 
 from gemma4 import atomic_io
 from gemma4.conversion import mapping, sharding
-from gemma4.conversion.hf_io import HFSource, open_hf_checkpoint, write_hf_config
+from gemma4.conversion.hf_io import EXPORT_TARGETS, HFSource, open_hf_checkpoint, write_hf_config
 from gemma4.conversion.manifest import FORMAT_TORCH_DIST, write_manifest
 from gemma4.conversion.mcore_io import (
     gather_rule,
@@ -132,15 +132,24 @@ def hf_to_mcore_dir(
 
 
 def mcore_to_hf_dir(
-    mcore_dir: Path, out: Path, max_shard_bytes: int = HF_MAX_SHARD_BYTES, hf_config: Path | None = None
+    mcore_dir: Path,
+    out: Path,
+    max_shard_bytes: int = HF_MAX_SHARD_BYTES,
+    hf_config: Path | None = None,
+    target: str = "hf",
 ) -> dict[str, Any]:
     """Export a Megatron checkpoint (ours, or a ``torch_dist`` one with ``hf_config``) as a
-    ``Gemma4ForCausalLM`` directory."""
+    ``Gemma4ForCausalLM`` directory (``target="hf"``) or, for SGLang, a text-only
+    ``Gemma4ForConditionalGeneration`` one (``target="sglang"``: weights under ``model.language_model.``;
+    see :func:`gemma4.conversion.hf_io.write_hf_config`)."""
     t0 = time.perf_counter()
+    if target not in EXPORT_TARGETS:
+        raise InvalidInputError(f"--for must be one of {list(EXPORT_TARGETS)}, got {target!r}")
     check_output_dir(out)
     src = open_mcore_checkpoint(mcore_dir, hf_config)
     spec = src.spec
-    entries = hf_plan(spec, src.dtype)
+    prefix = mapping.HF_CAUSAL_LM_PREFIX if target == "hf" else mapping.HF_CONDITIONAL_GENERATION_PREFIX
+    entries = hf_plan(spec, src.dtype, prefix)
     with atomic_output_dir(out) as tmp:
         writer = ShardedWriter(tmp, entries, max_shard_bytes)
         for rule, layer in mapping.bound_rules(spec):
@@ -151,7 +160,7 @@ def mcore_to_hf_dir(
                 for t in range(src.tp):
                     part = src.read((t, 0), rule.mcore)
                     for name, piece in mapping.rule_to_hf(rule, part, spec, layer):
-                        full = name if name == "lm_head.weight" else mapping.HF_CAUSAL_LM_PREFIX + name
+                        full = name if name == "lm_head.weight" else prefix + name
                         writer.write_part(full, piece, offsets.get(full, 0))
                         offsets[full] = offsets.get(full, 0) + piece.numel() * piece.element_size()
                     del part
@@ -166,24 +175,31 @@ def mcore_to_hf_dir(
                     shards = [src.read((t, ep_rank), name) for t in range(src.tp)]
                     expert = sharding.gather_tp(rule, shards, name)
                     for hf_name, piece in mapping.rule_to_hf(rule, [expert], spec, layer):
-                        full = mapping.HF_CAUSAL_LM_PREFIX + hf_name
+                        full = prefix + hf_name
                         writer.write_part(full, piece, offsets.get(full, 0))
                         offsets[full] = offsets.get(full, 0) + piece.numel() * piece.element_size()
                     del shards, expert
                 continue
             hf_tensors = gather_rule(rule, layer, src.read, spec, src.tp, src.ep)
             for name, t in hf_tensors:
-                writer.write(name if name == "lm_head.weight" else mapping.HF_CAUSAL_LM_PREFIX + name, t)
+                writer.write(name if name == "lm_head.weight" else prefix + name, t)
             del hf_tensors
         writer.finish()
-        write_hf_config(tmp, src.hf_config, src.dtype)
+        write_hf_config(tmp, src.hf_config, src.dtype, target)
+    notes = list(src.notes)
+    if target == "sglang":
+        notes.append(
+            "for SGLang: Gemma4ForConditionalGeneration with transformers' default vision_config and no "
+            "vision weights (text-only; do not send images)"
+        )
     return {
         "out": str(out),
+        "for": target,
         "tp": src.tp,
         "ep": src.ep,
         "dtype": str(src.dtype).removeprefix("torch."),
         "hf_tensors": len(entries),
-        "notes": src.notes,
+        "notes": notes,
         "seconds": time.perf_counter() - t0,
     }
 

@@ -44,6 +44,7 @@ __all__ = [
     "read_hf_checkpoint",
     "safetensors_files",
     "write_hf_config",
+    "EXPORT_TARGETS",
 ]
 
 NON_TEXT_PREFIXES = (
@@ -251,9 +252,36 @@ def read_hf_checkpoint(directory: Path) -> HFCheckpoint:
 # ---- writing ---------------------------------------------------------------------------------------------
 
 
-def write_hf_config(directory: Path, hf_text_config: Any, dtype: torch.dtype) -> None:
-    """Write ``config.json`` of a ``Gemma4ForCausalLM`` checkpoint with weights of ``dtype``."""
+#: Export targets of :func:`write_hf_config` / ``convert mcore-to-hf --for``.
+EXPORT_TARGETS = ("hf", "sglang")
+
+
+def write_hf_config(directory: Path, hf_text_config: Any, dtype: torch.dtype, target: str = "hf") -> None:
+    """Write ``config.json`` of an exported checkpoint with weights of ``dtype``.
+
+    ``target="hf"``: a ``gemma4_text`` ``Gemma4ForCausalLM`` config (weights under ``model.``).
+    ``target="sglang"``: the multimodal ``gemma4`` wrapper, ``Gemma4ForConditionalGeneration``, the text
+    config under ``text_config`` (weights under ``model.language_model.``) and transformers' default
+    ``vision_config`` (no vision weights are written: a text-only export). SGLang 0.5.23 flattens Gemma 4's
+    per-layer head dims into ``head_dim`` / ``swa_head_dim`` only for the multimodal model types
+    (``sglang/srt/utils/hf_transformers/config.py``: ``_GEMMA4_MODEL_TYPES`` lines 66-73, the call at
+    311-312); for ``gemma4_text`` it later reads ``head_dim``, which transformers refuses on a config with a
+    ``per_layer_config`` (``AmbiguousGlobalPerLayerAttributeError``), so the engine does not start.
+    """
+    if target not in EXPORT_TARGETS:
+        raise InvalidInputError(f"--for must be one of {list(EXPORT_TARGETS)}, got {target!r}")
     cfg = type(hf_text_config).from_dict(hf_text_config.to_dict())
-    cfg.architectures = ["Gemma4ForCausalLM"]
+    if target == "hf":
+        cfg.architectures = ["Gemma4ForCausalLM"]
+        cfg.dtype = dtype
+        cfg.to_json_file(Path(directory) / "config.json", use_diff=True)
+        return
+    from transformers import Gemma4Config, Gemma4VisionConfig
+
+    cfg.architectures = None
     cfg.dtype = dtype
-    cfg.to_json_file(Path(directory) / "config.json", use_diff=True)
+    wrapper = Gemma4Config(text_config=cfg, vision_config=Gemma4VisionConfig(), audio_config=None)
+    wrapper.architectures = ["Gemma4ForConditionalGeneration"]
+    wrapper.tie_word_embeddings = cfg.tie_word_embeddings
+    wrapper.dtype = dtype
+    wrapper.to_json_file(Path(directory) / "config.json", use_diff=True)

@@ -9,6 +9,13 @@ proportional, 25 % of the pairs), per-layer ``layer_scalar`` buffers, tied head 
 
 After building the model the provider installs the slime hooks (:func:`gemma4.slime.hooks.install`:
 weight-sync converter, HF loader, loss-mask type) in this process; ``GEMMA4_SLIME_HOOKS=0`` skips that.
+
+**``router.scale`` is frozen** (``requires_grad=False``) in MoE models built here, unless
+``GEMMA4_TRAIN_ROUTER_SCALE=1`` (or ``args.gemma4_train_router_scale``) opts in: SGLang 0.5.23 folds
+``scale * H^-0.5`` into its router norm once, at first use (``sglang/srt/models/gemma4_causal.py``
+``Gemma4Router.fuse_scale`` lines 203-207, called from ``forward`` lines 211-212 while ``_scale_fused`` is
+False), so a trained ``router.scale`` never reaches the rollouts. Weight sync refuses a changed one
+(:func:`gemma4.slime.weight_sync.check_router_scale`).
 """
 
 from __future__ import annotations
@@ -69,10 +76,40 @@ def build_model(
     )
 
 
+TRAIN_ROUTER_SCALE_ENV = "GEMMA4_TRAIN_ROUTER_SCALE"
+ROUTER_SCALE_SUFFIX = "mlp.router.scale"
+
+
+def train_router_scale(args: Any) -> bool:
+    """The opt-in to train ``router.scale``: ``args.gemma4_train_router_scale`` or ``$GEMMA4_TRAIN_ROUTER_SCALE=1``."""
+    return bool(getattr(args, "gemma4_train_router_scale", False)) or os.environ.get(
+        TRAIN_ROUTER_SCALE_ENV, "0"
+    ) not in ("", "0")
+
+
+def freeze_router_scale(model: Any) -> list[str]:
+    """Set ``requires_grad=False`` on every MoE ``router.scale``; returns the parameter names frozen."""
+    frozen = []
+    for name, param in model.named_parameters():
+        if name.endswith(ROUTER_SCALE_SUFFIX):
+            param.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
 def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None) -> Any:
     """slime's custom model provider hook (signature ``(pre_process, post_process, vp_stage=None)``)."""
     args, config = megatron_args_and_config()
     model = build_model(args, config, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+    if not train_router_scale(args):
+        frozen = freeze_router_scale(model)
+        if frozen:
+            log.info(
+                "gemma4: froze %d router.scale parameters (SGLang 0.5.23 folds router.scale once; "
+                "%s=1 trains them)",
+                len(frozen),
+                TRAIN_ROUTER_SCALE_ENV,
+            )
     if os.environ.get("GEMMA4_SLIME_HOOKS", "1") != "0":
         from gemma4.slime.hooks import install
 

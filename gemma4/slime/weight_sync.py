@@ -43,6 +43,7 @@ quantization_config=None)``, and sends every Gemma 4 model name (any config or c
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -138,7 +139,41 @@ def convert_gemma4_to_hf(args: Any, name: str, param: torch.Tensor) -> list[tupl
     (``args.expert_model_parallel_size`` > 1 refuses rank-local ``local_experts`` names)."""
     spec, prefix = resolve_target(args)
     ep_size = int(getattr(args, "expert_model_parallel_size", None) or 1)
+    check_router_scale(args, name, param)
     return param_to_hf(name, param, spec, prefix, ep_size=ep_size)
+
+
+SGLANG_ROUTER_SCALE_FOLD = (
+    "SGLang 0.5.23 folds router.scale * H^-0.5 into its router norm once, at first use "
+    "(sglang/srt/models/gemma4_causal.py Gemma4Router.fuse_scale, lines 203-212), and never re-applies it"
+)
+ALLOW_ROUTER_SCALE_UPDATE_ENV = "GEMMA4_ALLOW_ROUTER_SCALE_UPDATE"
+_ROUTER_SCALE = re.compile(r"(?:^|\.)decoder\.layers\.(\d+)\.mlp\.router\.scale$")
+
+
+def check_router_scale(args: Any, name: str, param: torch.Tensor) -> None:
+    """Refuse a ``router.scale`` that differs from its value at the first sync (per layer, kept on ``args``):
+    SGLang would keep the folded first value. ``$GEMMA4_ALLOW_ROUTER_SCALE_UPDATE=1`` switches the check off
+    (for an engine that re-folds ``router.scale`` on every weight update)."""
+    m = _ROUTER_SCALE.search(name)
+    if m is None or os.environ.get(ALLOW_ROUTER_SCALE_UPDATE_ENV, "0") not in ("", "0"):
+        return
+    first = getattr(args, "_gemma4_router_scale_at_first_sync", None)
+    if first is None:
+        first = {}
+        args._gemma4_router_scale_at_first_sync = first
+    layer = int(m.group(1))
+    value = param.detach().to("cpu", copy=True)
+    if layer not in first:
+        first[layer] = value
+        return
+    if not torch.equal(first[layer], value):
+        raise InvalidInputError(
+            f"weight sync: {name} (router.scale of layer {layer}) changed since the first sync; "
+            f"{SGLANG_ROUTER_SCALE_FOLD}, so the rollouts would keep the old value. Keep router.scale frozen "
+            f"(the default of gemma4.slime.model_provider; unset GEMMA4_TRAIN_ROUTER_SCALE), or set "
+            f"{ALLOW_ROUTER_SCALE_UPDATE_ENV}=1 if your engine re-applies it"
+        )
 
 
 _SEQUENTIAL_EXPERT = re.compile(

@@ -2,7 +2,8 @@
 
 * ``hf-to-mcore --hf-checkpoint DIR --out DIR [--tp N] [--ep N]``: write a Megatron checkpoint (per-rank safetensors
   + ``gemma4_mcore.json``).
-* ``mcore-to-hf --mcore DIR --out DIR``: export it as a ``Gemma4ForCausalLM`` directory.
+* ``mcore-to-hf --mcore DIR --out DIR [--for hf|sglang]``: export it as a ``Gemma4ForCausalLM`` directory, or
+  (``--for sglang``) as a text-only ``Gemma4ForConditionalGeneration`` one that SGLang 0.5.23 starts from.
 * ``roundtrip --hf-checkpoint DIR [--tp N] [--ep N]``: HF -> Megatron -> HF in a scratch directory; exit 0 iff every
   text tensor comes back with the same name, shape, dtype and bytes.
 
@@ -49,6 +50,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument(
         "--hf-config", type=Path, help="config.json of the model (torch_dist checkpoints saved by Megatron)"
     )
+    b.add_argument(
+        "--for",
+        dest="target",
+        choices=["hf", "sglang"],
+        default="hf",
+        help="hf: Gemma4ForCausalLM (gemma4_text); sglang: text-only Gemma4ForConditionalGeneration (gemma4 "
+        "wrapper, weights under model.language_model.), the form SGLang 0.5.23 starts from",
+    )
     b.add_argument("--json", type=Path, help="write the report as JSON")
     b.set_defaults(
         func=run_mcore_to_hf, io_paths=declare(mcore=IN_DIR, hf_config=IN_FILE, out=OUT_DIR, json=OUT_FILE)
@@ -84,7 +93,7 @@ def run_mcore_to_hf(args: argparse.Namespace) -> Result:
     """``convert mcore-to-hf``."""
     from gemma4.conversion.convert import mcore_to_hf_dir
 
-    report = mcore_to_hf_dir(args.mcore, args.out, hf_config=args.hf_config)
+    report = mcore_to_hf_dir(args.mcore, args.out, hf_config=args.hf_config, target=args.target)
     head = (
         f"wrote HF checkpoint {report['out']} ({report['hf_tensors']} tensors, {report['dtype']}) "
         f"in {report['seconds']:.2f} s"

@@ -72,6 +72,9 @@ class Trainer:
         self.ref.eval()
         for p in self.ref.parameters():
             p.requires_grad_(False)
+        from gemma4.slime.model_provider import freeze_router_scale
+
+        freeze_router_scale(self.actor)  # as slime's provider does (SGLang folds router.scale once)
         self.optimizer = torch.optim.Adam(self.actor.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
         self._norm_owner = self._grad_norm_owners(tp_rank)
 

@@ -49,7 +49,13 @@ def slime(require_reference, monkeypatch):
         monkeypatch.setitem(sys.modules, "httpx", httpx)
     for name in [n for n in sys.modules if n == HF_TO_MEGATRON or n.startswith(HF_TO_MEGATRON + ".")]:
         monkeypatch.delitem(sys.modules, name)
-    return root
+    before = set(sys.modules)
+    yield root
+    # the real slime modules this test imported must not leak into later tests of this worker (the hook
+    # scans every loaded ``slime.*`` module)
+    for name in set(sys.modules) - before:
+        if name == "slime" or name.startswith("slime."):
+            sys.modules.pop(name, None)
 
 
 @pytest.fixture(scope="module")

@@ -162,6 +162,9 @@ def fake_slime(monkeypatch):
         def __init__(self, tokenizer, tokenizer_type="qwen"):
             self.tokenizer_type = tokenizer_type
 
+    # only the fakes are slime here: real slime modules another test of this worker loaded are hidden
+    for name in [n for n in sys.modules if n == "slime" or n.startswith("slime.")]:
+        monkeypatch.delitem(sys.modules, name)
     mods = {}
     for name in (
         "slime",

@@ -288,16 +288,53 @@ def test_ep2_rank_local_index_goes_red():
     assert any(f.startswith("never written: model.layers.0.moe.experts.w2_weight") for f in failures)
 
 
-def test_extracted_mapping_matches_installed_sglang():
-    """If SGLang 0.5.23 is importable, its ``make_expert_params_mapping`` equals the copy above."""
-    try:
-        from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
-        from sglang.version import __version__
-    except Exception as exc:  # noqa: BLE001 - any import failure means: not importable here
+#: sha256 of ``Gemma4ForCausalLM.load_weights``'s source in sglang 0.5.23 (models/gemma4_causal.py:1258-1451),
+#: the function the routing above is extracted from: a different installed SGLang fails the pin, not silently.
+LOAD_WEIGHTS_SHA256 = "bf76ee1b80efdd3e64562a80993443044dc8460d0dede59923f9179687d45cf9"
+
+
+def _installed_sglang_file(relative: str):
+    """A source file of the installed sglang, found without importing it (its package import pulls the GPU
+    server stack); skips with a reason when sglang 0.5.23 is not installed (``tox -e unit`` installs it)."""
+    import importlib.metadata
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("sglang")
+    if spec is None or spec.origin is None:
         pytest.skip(
-            f"sglang {SGLANG_VERSION} not importable without its GPU stack ({type(exc).__name__}: {exc})"
+            f"sglang=={SGLANG_VERSION} is not installed (pip install --no-deps sglang=={SGLANG_VERSION})"
         )
-    assert __version__ == SGLANG_VERSION
-    assert FusedMoE.make_expert_params_mapping(
-        "gate_proj", "down_proj", "up_proj", 4
-    ) == make_expert_params_mapping("gate_proj", "down_proj", "up_proj", 4)
+    assert importlib.metadata.version("sglang") == SGLANG_VERSION
+    return Path(spec.origin).parent / relative
+
+
+def test_extracted_routing_is_installed_sglangs():
+    """The installed SGLang 0.5.23's own ``FusedMoE.make_expert_params_mapping`` (run from its source file, as
+    written) equals the copy above, and its ``Gemma4ForCausalLM.load_weights`` is byte-for-byte the function
+    the routing was extracted from."""
+    import ast
+    import hashlib
+
+    layer = _installed_sglang_file("srt/layers/moe/fused_moe_triton/layer.py")
+    tree = ast.parse(layer.read_text(), str(layer))
+    fused = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "FusedMoE")
+    fn = next(
+        n for n in fused.body if isinstance(n, ast.FunctionDef) and n.name == "make_expert_params_mapping"
+    )
+    fn.decorator_list = []  # a classmethod; ``cls`` is unused
+    ns: dict = {"List": list, "Tuple": tuple}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), str(layer), "exec"), ns)  # noqa: S102
+    theirs = ns["make_expert_params_mapping"](None, "gate_proj", "down_proj", "up_proj", 4)
+    assert theirs == make_expert_params_mapping("gate_proj", "down_proj", "up_proj", 4)
+
+    causal = _installed_sglang_file("srt/models/gemma4_causal.py")
+    source = causal.read_text()
+    model = next(
+        n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "Gemma4ForCausalLM"
+    )
+    load = next(n for n in model.body if isinstance(n, ast.FunctionDef) and n.name == "load_weights")
+    digest = hashlib.sha256(ast.get_source_segment(source, load).encode()).hexdigest()
+    assert digest == LOAD_WEIGHTS_SHA256, (
+        f"{causal}:{load.lineno}: load_weights changed; re-extract the routing in this test"
+    )

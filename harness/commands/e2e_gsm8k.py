@@ -38,57 +38,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=os.environ.get(ENV["variant"]),
         help="model size" + env("variant"),
     )
-    p.add_argument(
-        "--hf-checkpoint",
-        dest="checkpoint",
-        type=Path,
-        default=os.environ.get(ENV["checkpoint"]),
-        help="HF checkpoint dir (with tokenizer)" + env("checkpoint"),
-    )
-    # the flag's old spelling, kept as a hidden alias (one flag name per concept across commands)
-    p.add_argument(
-        "--checkpoint",
-        dest="checkpoint",
-        type=Path,
-        default=os.environ.get(ENV["checkpoint"]),
-        help=argparse.SUPPRESS,
-    )
-    p.add_argument(
-        "--dataset",
-        type=Path,
-        default=os.environ.get(ENV["dataset"]),
-        help="GSM8K train prompts, .jsonl or .parquet" + env("dataset"),
-    )
-    p.add_argument(
-        "--eval-dataset",
-        type=Path,
-        default=os.environ.get(ENV["eval_dataset"]),
-        help="optional GSM8K test prompts" + env("eval_dataset"),
-    )
-    p.add_argument(
-        "--slime-dir",
-        type=Path,
-        default=os.environ.get(ENV["slime_dir"]),
-        help="slime checkout (train.py)" + env("slime_dir"),
-    )
-    p.add_argument(
-        "--megatron-dir",
-        type=Path,
-        default=os.environ.get(ENV["megatron_dir"]),
-        help="Megatron-LM checkout for PYTHONPATH" + env("megatron_dir"),
-    )
-    p.add_argument(
-        "--workdir",
-        type=Path,
-        default=os.environ.get(ENV["workdir"]),
-        help="logs, converted checkpoint, report" + env("workdir"),
-    )
-    p.add_argument(
-        "--mcore-checkpoint",
-        type=Path,
-        default=os.environ.get(ENV["mcore_checkpoint"]),
-        help="existing Megatron load dir (skips the conversion)" + env("mcore_checkpoint"),
-    )
+    # path flags: (flag, dest, help); each also reads its GEMMA4_* variable (ENV)
+    for flag, dest, text in (
+        ("--hf-checkpoint", "checkpoint", "HF checkpoint dir (with tokenizer)"),
+        ("--checkpoint", "checkpoint", None),  # the old spelling, a hidden alias (one flag name per concept)
+        ("--dataset", "dataset", "GSM8K train prompts, .jsonl or .parquet"),
+        ("--eval-dataset", "eval_dataset", "optional GSM8K test prompts"),
+        ("--slime-dir", "slime_dir", "slime checkout (train.py)"),
+        ("--megatron-dir", "megatron_dir", "Megatron-LM checkout for PYTHONPATH"),
+        ("--workdir", "workdir", "logs, converted checkpoint, report"),
+        ("--mcore-checkpoint", "mcore_checkpoint", "existing Megatron load dir (skips the conversion)"),
+    ):
+        p.add_argument(
+            flag,
+            dest=dest,
+            type=Path,
+            default=os.environ.get(ENV[dest]),
+            help=argparse.SUPPRESS if text is None else text + env(dest),
+        )
     p.add_argument("--num-rollout", type=int, default=3)
     p.add_argument("--rollout-batch-size", type=int, default=8)
     p.add_argument("--n-samples-per-prompt", type=int, default=4)

@@ -57,14 +57,14 @@ def run(args: argparse.Namespace) -> Result:
     import sys
     from pathlib import Path
 
-    from gemma4.chat._io import read_json
     from gemma4.chat.mask import build_chat_mask
     from gemma4.chat.templates import load_template
     from gemma4.chat.tokenizer import load_tokenizer
     from gemma4.errors import InvalidInputError
+    from gemma4.safe_read import read_json
 
     messages_path = Path(args.messages)
-    data = read_json(messages_path, "messages")
+    data = read_json(messages_path, "messages file")
     tools, tools_source = None, "tools"
     if isinstance(data, dict):
         if "messages" not in data:
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> Result:
         if tools is not None:
             raise InvalidInputError(f"{messages_path}: has 'tools' and --tools was given too; use one")
         tools_path = Path(args.tools)
-        tools, tools_source = read_json(tools_path, "tools"), str(tools_path)
+        tools, tools_source = read_json(tools_path, "tools file"), str(tools_path)
     template = load_template(args.chat_template) if args.chat_template else None
     tokenizer = load_tokenizer(args.tokenizer)
 

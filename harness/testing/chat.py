@@ -15,8 +15,8 @@ import string
 from collections.abc import Iterable
 from pathlib import Path
 
+from gemma4.atomic_io import atomic_write_text
 from gemma4.chat import tokens as T
-from gemma4.chat._io import atomic_write_text
 
 SPECIAL_TOKEN_IDS: dict[str, int] = {
     "<pad>": 0,

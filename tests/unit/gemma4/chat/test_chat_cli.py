@@ -153,7 +153,6 @@ def test_cli_module_imports_only_argparse() -> None:
 
 def test_outputs_are_written_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import gemma4.atomic_io
-    from gemma4.chat import _io
 
     target = tmp_path / "out.json"
     target.write_text("previous", encoding="utf-8")
@@ -163,6 +162,6 @@ def test_outputs_are_written_atomically(tmp_path: Path, monkeypatch: pytest.Monk
 
     monkeypatch.setattr(gemma4.atomic_io.os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
-        _io.atomic_write_text(target, "new")
+        gemma4.atomic_io.atomic_write_text(target, "new")
     assert target.read_text(encoding="utf-8") == "previous"
     assert list(tmp_path.iterdir()) == [target]

@@ -54,11 +54,23 @@ def atomic_output_dir(out: Path) -> Iterator[Path]:
         yield tmp
 
 
-def _versions() -> dict[str, str]:
+def software_versions() -> dict[str, str]:
+    """The versions a conversion records in its manifest."""
     import torch
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def hf_source_record(src: HFSource, hf_dir: Path) -> dict[str, Any]:
+    """What a manifest records about the HF checkpoint a Megatron checkpoint was made from."""
+    return {
+        "hf_dir": str(Path(hf_dir).resolve()),
+        "hf_prefix": src.prefix,
+        "skipped_non_text_tensors": len(src.skipped),
+        "notes": src.notes,
+        "versions": software_versions(),
+    }
 
 
 FORMATS = ("safetensors", "torch_dist")
@@ -76,13 +88,7 @@ def hf_to_mcore_dir(
     src = open_hf_checkpoint(hf_dir)
     sharding.check_tp(src.spec, tp)
     sharding.check_ep(src.spec, ep)
-    source = {
-        "hf_dir": str(Path(hf_dir).resolve()),
-        "hf_prefix": src.prefix,
-        "skipped_non_text_tensors": len(src.skipped),
-        "notes": src.notes,
-        "versions": _versions(),
-    }
+    source = hf_source_record(src, hf_dir)
     if fmt == "torch_dist":
         from gemma4.conversion.torch_dist import save_torch_dist
 
@@ -146,7 +152,31 @@ def mcore_to_hf_dir(
     if target not in EXPORT_TARGETS:
         raise InvalidInputError(f"--for must be one of {list(EXPORT_TARGETS)}, got {target!r}")
     check_output_dir(out)
-    src = open_mcore_checkpoint(mcore_dir, hf_config)
+    try:
+        src = open_mcore_checkpoint(mcore_dir, hf_config)
+    except InvalidInputError as exc:
+        from gemma4.conversion.megatron_bridge import sniff_bridge_hint
+
+        hint = sniff_bridge_hint(Path(mcore_dir), hf_config)
+        if not hint:
+            raise
+        raise InvalidInputError(f"{exc}; {hint}") from exc
+    return export_hf_from_source(src, out, max_shard_bytes, target, t0)
+
+
+def export_hf_from_source(
+    src: Any,
+    out: Path,
+    max_shard_bytes: int = HF_MAX_SHARD_BYTES,
+    target: str = "hf",
+    t0: float | None = None,
+) -> dict[str, Any]:
+    """Write the HF export of an opened Megatron source (an :class:`~gemma4.conversion.mcore_io.MCoreSource`
+    or anything with its ``spec``, ``dtype``, ``tp``, ``ep``, ``hf_config``, ``notes`` and ``read(rank, name)``)
+    at ``out``, through a temporary directory. See :func:`mcore_to_hf_dir`."""
+    t0 = time.perf_counter() if t0 is None else t0
+    if target not in EXPORT_TARGETS:
+        raise InvalidInputError(f"--for must be one of {list(EXPORT_TARGETS)}, got {target!r}")
     spec = src.spec
     prefix = mapping.HF_CAUSAL_LM_PREFIX if target == "hf" else mapping.HF_CONDITIONAL_GENERATION_PREFIX
     entries = hf_plan(spec, src.dtype, prefix)

@@ -149,14 +149,28 @@ MEGATRON_FLAG_DEFAULTS: dict[str, Any] = {
 }
 
 
+#: Where Megatron-LM keeps a checked value. core_v0.16 generates ``--norm-epsilon`` and ``--apply-layernorm-1p``
+#: from ``TransformerConfig`` fields, so the parsed attributes are ``layernorm_epsilon`` and
+#: ``layernorm_zero_centered_gamma`` (same meaning: ``1 + w``); older Megatron-LM used the flags' names.
+ARG_DESTS: dict[str, tuple[str, ...]] = {
+    "norm_epsilon": ("norm_epsilon", "layernorm_epsilon"),
+    "apply_layernorm_1p": ("apply_layernorm_1p", "layernorm_zero_centered_gamma"),
+}
+_REQUIRED = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "norm_epsilon")
+
+
 def _actual(args: Any, attr: str) -> Any:
     if attr == "num_query_groups":
         return effective_query_groups(args)
     if attr == "kv_channels":
         return effective_kv_channels(args)
-    if attr in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "norm_epsilon"):
-        return _get(args, attr)
-    return getattr(args, attr, MEGATRON_FLAG_DEFAULTS.get(attr))
+    names = ARG_DESTS.get(attr, (attr,))
+    present = [name for name in names if hasattr(args, name)]
+    if present:
+        return getattr(args, present[0])
+    if attr in _REQUIRED:
+        return _get(args, attr)  # raises, naming it
+    return MEGATRON_FLAG_DEFAULTS.get(attr)
 
 
 def _same(actual: Any, expected: Any) -> bool:

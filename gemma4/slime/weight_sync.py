@@ -17,7 +17,9 @@ the local ``i`` (line 232). Then ``update_weight_from_distributed.py:_ep_gather_
 all-gathers names and tensors over the EP group and calls ``convert_to_hf`` on every rank's list (line 238),
 so rank 1's expert ``i`` arrives under the same name as rank 0's; ``hf_weight_iterator_direct.py:
 _get_megatron_local_param_infos`` (line 171) unions names over EP (``if name not in param_infos``, line
-219), so only one rank's expert ``i`` survives. The converter cannot tell the ranks apart from the name, so:
+219), so each EP rank keeps its own entry for expert ``i`` with itself as the source rank and both
+broadcast as root (lines 110-118): the mismatched collective hangs (line 121; seen on gloo,
+``tests/unit/gemma4/slime/test_slime_update_weight_ranks.py``). The converter cannot tell the ranks apart from the name, so:
 :func:`with_global_expert_names` wraps slime's ``_named_params_and_buffers_global`` to rename SequentialMLP
 experts to the TE grouped form with the global index (``…mlp.experts.linear_fc1.weight{ep_rank * E/ep +
 i}``, what slime's own rule produces for TE), and :func:`convert_gemma4_to_hf` refuses a ``local_experts``

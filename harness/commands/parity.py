@@ -1,6 +1,8 @@
-"""``gemma4-harness parity``: our Megatron model against HF on a preset, a config or a checkpoint.
+"""``gemma4-harness parity``: our Megatron model (or the implementation named by ``--impl``) against HF on a
+preset, a config or a checkpoint. The summary's first lines name the implementation checked (``impl=...``).
 
-Exit 0 when parity holds, 1 when it does not, 2 for invalid input.
+Exit 0 when parity holds, 1 when it does not, 2 for invalid input (also: a config or layout the
+implementation declares it cannot run).
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 Writes into --out: report.html (self-contained: tables, plots inline), summary.md (Markdown summary, links
 plots/*.png), plots/*.png and results.json; --junit FILE adds JUnit XML (one test case per row and golden).
-Exit 0 when every parity row, layout comparison and golden passes; 1 when anything fails (summary.md lists
-it); 2 invalid input.
+Exit 0 when every applicable parity row, layout comparison and golden passes; 1 when anything fails
+(summary.md lists it); 2 invalid input. With --impl, rows the implementation declares it cannot run (its
+supports() / supports_run(), e.g. a layout or a config feature it does not have) are shown as "n/a" with its
+reason and counted as not applicable: they decide nothing.
 """
 
 from __future__ import annotations
@@ -117,6 +119,12 @@ def run(args: argparse.Namespace) -> Result:
     )
     written = write_report(data, args.out, args.junit)
     lines = [f"report: {written['html']}  summary: {written['markdown']}"]
+    n_na = len(data.not_applicable)
+    lines.append(
+        f"implementation under test: {data.impl}; {len(data.rows) - n_na} parity row(s) applicable, "
+        f"{n_na} not applicable"
+    )
+    lines += [f"  n/a {r.preset} {r.dtype} {r.layout}: {r.not_applicable}" for r in data.not_applicable]
     if args.junit:
         lines.append(f"junit: {written['junit']}")
     if data.passed:
@@ -126,5 +134,15 @@ def run(args: argparse.Namespace) -> Result:
         lines += [f"  - {line}" for line in data.failures]
     written_paths = {k: str(v) for k, v in written.items()}
     return Result.verdict(
-        {"written": written_paths, "failures": data.failures}, "\n".join(lines), data.passed
+        {
+            "written": written_paths,
+            "failures": data.failures,
+            "impl": data.impl,
+            "not_applicable": [
+                {"preset": r.preset, "dtype": r.dtype, "layout": r.layout, "reason": r.not_applicable}
+                for r in data.not_applicable
+            ],
+        },
+        "\n".join(lines),
+        data.passed,
     )

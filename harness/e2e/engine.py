@@ -11,6 +11,11 @@ expert ``e`` of the fused ``experts.gate_up_proj``, ``down_proj`` into expert ``
 as SGLang's FusedMoE ``weight_loader`` (shards ``w1`` / ``w3`` / ``w2``, ``expert_id``) does. Any other
 expert name (e.g. ``experts.{e}.gate_up_proj``, which SGLang skips) is an unknown tensor here.
 
+With a router (:class:`harness.e2e.sglang_route.SGLangRouter`, what ``e2e-mini`` uses whenever SGLang 0.5.23
+is importable), the buckets go into SGLang's own ``load_weights`` instead, and at :meth:`end_sync` the model
+receives SGLang's loaded parameters, read back under HF names through the same strict intake; SGLang's
+skipped names, double writes and unwritten regions are the sync's errors.
+
 Generation-time log-probs come from the model's own logits (captured by a forward hook at each decoding
 step, in the run dtype): ``generate`` hands the sampler an fp32 copy of them, which would cap an fp64
 comparison at fp32 rounding. Both are recorded; the sampler's must equal the policy's fp32 logits exactly.
@@ -90,6 +95,7 @@ class RolloutEngine:
         initial_seed: int,
         stop_token_ids: Sequence[int],
         pad_token_id: int,
+        router: Any = None,
     ) -> None:
         from harness.reference import build_reference_model
 
@@ -117,6 +123,10 @@ class RolloutEngine:
         self._current: SyncRecord | None = None
         self._received: set[tuple[str, int | None, str | None]] = set()
         self.syncs: list[SyncRecord] = []
+        #: :class:`harness.e2e.sglang_route.SGLangRouter` or None (the converter's names are taken directly)
+        self.router = router
+        if router is not None:
+            router.bind({k: tuple(v.shape) for k, v in self._targets.items()})
 
     # ---- weights ---------------------------------------------------------------------------------------
 
@@ -124,13 +134,23 @@ class RolloutEngine:
         """Start receiving the weights of sync ``index``."""
         self._current = SyncRecord(index)
         self._received = set()
+        if self.router is not None:
+            self.router.begin()
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Write one bucket of ``(hf_name, tensor)`` pairs (absolute HF names) into the model."""
+        """Receive one bucket of ``(hf_name, tensor)`` pairs (absolute HF names): into SGLang's
+        ``load_weights`` when routed (the model is written at :meth:`end_sync`), else into the model."""
         rec = self._current
         if rec is None:
             raise RuntimeError("load_weights outside begin_sync/end_sync")
         rec.buckets += 1
+        if self.router is not None:
+            self.router.load(named_tensors)
+            return
+        self._intake(rec, named_tensors)
+
+    def _intake(self, rec: SyncRecord, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Write ``(hf_name, tensor)`` pairs into the model, refusing (named) what does not fit it."""
         with torch.no_grad():
             for name, tensor in named_tensors:
                 m = _EXPERT_SLICE.match(name)
@@ -175,6 +195,10 @@ class RolloutEngine:
         rec = self._current
         if rec is None:
             raise RuntimeError("end_sync without begin_sync")
+        if self.router is not None:  # the model receives what SGLang loaded, read back under HF names
+            tensors, errors = self.router.finish()
+            rec.errors += errors
+            self._intake(rec, tensors)
         rec.megatron_params = megatron_params
         rec.missing = sorted(
             name if e is None else f"{name}[{e}]" + ("" if kind == "down_proj" else f".{kind}")

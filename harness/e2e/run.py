@@ -3,7 +3,9 @@
 One run, with ``steps`` optimizer steps, does ``steps + 1`` iterations ``k = 0 .. steps``:
 
 1. sync ``k``: the trainer's weights go to the rollout engine through the streaming converter
-   (:mod:`harness.e2e.sync`; sync 0 happens before the first rollout, as slime does);
+   (:mod:`harness.e2e.sync`; sync 0 happens before the first rollout, as slime does) and, when SGLang 0.5.23
+   is importable, through SGLang's own ``load_weights`` name routing (:mod:`harness.e2e.sglang_route`; the
+   result's ``weight_routing`` says which);
 2. rollout (rank 0, HF engine): per prompt, ``group_size`` sampled responses (GRPO group) and one
    greedy response (evaluated, not trained), each with its generation-time log-probs;
 3. the batch goes to every rank; the trainer computes its own log-probs of the same tokens and the
@@ -35,6 +37,7 @@ from gemma4.atomic_io import temp_dir
 from gemma4.errors import InvalidInputError
 from harness.e2e import gates
 from harness.e2e.batch import grpo_advantages, make_sample, pack
+from harness.e2e.sglang_route import make_router
 from harness.e2e.sync import sync_weights
 from harness.e2e.tasks import make_problems, reward
 from harness.provenance import software_versions
@@ -84,6 +87,8 @@ class _Setup:
     stop_ids: list[int]
     pad_id: int
     sequence_parallel: bool
+    router: Any = None  # harness.e2e.sglang_route.SGLangRouter (built before any rank is forked) or None
+    routing: str = ""  # sglang-0.5.23, or strict engine (SGLang not importable: reason)
 
 
 def validate(cfg: E2EConfig, spec: Any) -> bool:
@@ -301,6 +306,7 @@ def rank_main(rank: int, world: int, setup: _Setup) -> list[dict[str, Any]] | No
             initial_seed=cfg.seed + 7919,
             stop_token_ids=setup.stop_ids,
             pad_token_id=setup.pad_id,
+            router=setup.router,
         )
         tokenizer = load_tokenizer(setup.checkpoint)
     args = types.SimpleNamespace(hf_checkpoint=setup.checkpoint)  # slime's --hf-checkpoint
@@ -338,6 +344,8 @@ def run_e2e(cfg: E2EConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     with temp_dir("gemma4-e2e-") as tmp:
         setup = prepare(cfg, Path(tmp))
+        config = json.loads((Path(setup.checkpoint) / "config.json").read_text())
+        setup.router, setup.routing = make_router(config, setup.dtype)  # before forking: see sglang_route
         world = cfg.tp * cfg.ep
         if world == 1:
             from gemma4.runtime import init_single_process
@@ -359,10 +367,12 @@ def run_e2e(cfg: E2EConfig) -> dict[str, Any]:
             "ep": cfg.ep,
             "sequence_parallel": setup.sequence_parallel,
             "world_size": cfg.tp * cfg.ep,
-            "rollout_engine": "HF Gemma4ForCausalLM in this process"
-            if world == 1
-            else "HF Gemma4ForCausalLM on rank 0",
+            "rollout_engine": (
+                "HF Gemma4ForCausalLM in this process" if world == 1 else "HF Gemma4ForCausalLM on rank 0"
+            )
+            + f"; weights routed by {setup.routing}",
         },
+        "weight_routing": setup.routing,
         "num_steps": cfg.steps,
         "max_logprob_gap": max(r["logprob_gap_max"] for r in records),
         "step0_kl": records[0]["kl_ref_max"],
@@ -375,6 +385,13 @@ def run_e2e(cfg: E2EConfig) -> dict[str, Any]:
         "steps": records,
         "config": asdict(cfg) | {"vocab_size": setup.spec.vocab_size},
         "notes": [
+            f"weight routing: {setup.routing}"
+            + (
+                " (every synced tensor went through SGLang's own Gemma4ForCausalLM.load_weights; the engine "
+                "holds what it loaded)"
+                if setup.router is not None
+                else ""
+            ),
             f"vocab_size overridden to the test tokenizer's {setup.spec.vocab_size} tokens"
             + (" (and vocab_size_per_layer_input)" if setup.spec.ple_dim else ""),
             "initial embeddings = the reference draw scaled by hidden_size^-1/2 (an initial policy with entropy)",

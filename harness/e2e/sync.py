@@ -7,7 +7,8 @@ grouped form with their global index by :func:`gemma4.slime.weight_sync.slime_gl
 bucket with ``convert_<model>_to_hf(args, name, param)`` (names as the wrapped model gives them:
 ``module.module.decoder.layers.{L}...``) and pushes the HF tensors to the engine.
 
-Here every rank takes part in the gathers; rank 0 (which holds the engine) buckets, converts and loads.
+Here every rank takes part in the gathers; rank 0 (which holds the engine) buckets, converts and loads
+(through SGLang's own ``load_weights`` when it is importable: :mod:`harness.e2e.sglang_route`).
 The walk covers parameters and persistent buffers (``layer_scalar``), so the engine's starting weights
 matter nowhere. Nothing else ever writes the engine's weights.
 """

@@ -4,7 +4,7 @@
 * ``slime-pr2135``: slime PR #2135's Gemma 4 as written (:mod:`harness.impls.slime_pr2135`, needs
   ``shared/reference/slime-pr2135``); ``slime-pr2135+fixes``: with every fix of its findings applied from
   outside; ``slime-pr2135+FIX[,FIX...]``: with those fixes only (``layer_types``, ``global_rope``,
-  ``sliding_window``, ``fp64_islands``);
+  ``sliding_window``, ``fp64_islands``, ``kv_heads_below_tp``);
 * ``module:attr``: any object satisfying :class:`~harness.parity.impl.ImplementationUnderTest` (a class or a
   factory is called without arguments).
 """

@@ -26,6 +26,12 @@ in :mod:`harness.compat`:
 ``slime-pr2135+FIX[,FIX]``: :func:`harness.parity.run.run_parity`, the same pipeline and judge as our model).
 :func:`compare` is a lighter per-layer comparison kept for exploration.
 
+Their own Megatron -> HF export (``slime/backends/megatron_utils/megatron_to_hf``) is run too:
+:func:`export_hf` (``convert_to_hf`` with a model name; the other models' converters and ``processors``,
+absent from the copy, are stood in), :func:`round_trip` (HF -> their bridge -> their model -> their export,
+bit for bit) and :func:`named_grads` (their gradients under HF names, for ``--grads``); :data:`EXPORT_FIXES`
+holds the fix of the export's finding.
+
 :data:`FIXES` holds the minimal fixes for what the harness found (see ``FINDINGS``), each a function that
 monkeypatches their code from outside for the duration of a ``with`` block; nothing in the reference copy is
 edited.
@@ -250,8 +256,12 @@ def build(
     hf_state: dict[str, torch.Tensor] | None = None,
     *,
     fixes: tuple[str, ...] = (),
+    tp: int = 1,
+    ep: int = 1,
 ) -> SlimeModel:
-    """Build their model for the HF config dict ``config`` through their provider and spec, in ``dtype``.
+    """Build their model for the HF config dict ``config`` through their provider and spec, in ``dtype``
+    (``tp`` / ``ep``: Megatron's tensor / expert parallel sizes, passed as their scripts pass them; the
+    process groups must already exist, e.g. in a rank of :func:`harness.distributed.run_distributed`).
 
     ``hf_state`` (HF names relative to ``model.``) is written to the checkpoint their provider reads
     layer scalars from; load the weights with :func:`load_hf_weights`. ``fixes`` names entries of
@@ -265,8 +275,11 @@ def build(
     stack = contextlib.ExitStack()
     try:
         with megatron_training():
+            argv = _argv(config) + ["--tensor-model-parallel-size", str(tp)]
+            if ep > 1:
+                argv += ["--expert-model-parallel-size", str(ep)]
             args = parse_megatron_args(
-                _argv(config),
+                argv,
                 params_dtype=dtype,
                 extra={"hf_checkpoint": str(ckpt), "spec": [__name__, "localized_gemma4_spec"]},
             )
@@ -309,27 +322,46 @@ def _bridge_hf_names(bridge: Any, te_name: str) -> list[str]:
     return bridge._weight_name_mapping_other(te_name)
 
 
-def load_hf_weights(sm: SlimeModel, hf_state: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+def load_hf_weights(
+    sm: SlimeModel,
+    hf_state: dict[str, torch.Tensor],
+    *,
+    tp_rank: int = 0,
+    tp: int = 1,
+    ep_rank: int = 0,
+    ep: int = 1,
+) -> dict[str, list[str]]:
     """Load HF-named weights (relative to ``model.``) through their bridge; strict both ways. Returns the
-    mapping used (Megatron name -> HF names)."""
+    mapping used (Megatron name -> HF names). Sharded (``tp`` / ``ep`` > 1): the bridge gives each TP = 1
+    tensor (an EP rank's local expert ``i`` is global expert ``ep_rank * E / ep + i``), cut for this TP
+    rank by Megatron's own partition attributes of the parameter (:func:`gemma4.parallel.shard_like`), as
+    mbridge's loader does."""
     from gemma4.errors import InvalidInputError
+    from gemma4.parallel import global_expert_name, shard_like
 
     bridge = sm.env["bridge"].Gemma4Bridge(OldSchemaView(hf_text_config(sm.config)))
     prefix = "model.language_model."
     used: set[str] = set()
     mapping = {}
     own = sm.model.state_dict()
+    params = dict(sm.model.named_parameters())
+    num_experts = int(sm.config.get("num_experts") or 1)
     with torch.no_grad():
         for local, tensor in own.items():
             if local.endswith("_extra_state"):
                 continue
-            te = _te_name(local)
+            te = _te_name(global_expert_name(local, ep_rank, ep, num_experts))
             hf_names = _bridge_hf_names(bridge, te)
             missing = [n for n in hf_names if n[len(prefix) :] not in hf_state]
             if missing:
                 raise InvalidInputError(f"{local}: HF tensors {missing} are not in the state dict")
             hf_weights = [hf_state[n[len(prefix) :]].to(torch.float64) for n in hf_names]
             value = bridge._weight_to_mcore_format(te, hf_weights)
+            if local in params and tp > 1:
+                try:
+                    value = shard_like(value, params[local], tp_rank, tp)
+                except InvalidInputError as exc:
+                    raise InvalidInputError(f"{local}: {exc}") from None
             if tuple(value.shape) != tuple(tensor.shape):
                 raise InvalidInputError(
                     f"{local}: bridge gives shape {tuple(value.shape)} from {hf_names}, model has {tuple(tensor.shape)}"
@@ -344,10 +376,16 @@ def load_hf_weights(sm: SlimeModel, hf_state: dict[str, torch.Tensor]) -> dict[s
 
 
 def forward(
-    sm: SlimeModel, ids: torch.Tensor, *, packed: list[int] | None = None, capture: bool = False
+    sm: SlimeModel,
+    ids: torch.Tensor,
+    *,
+    packed: list[int] | None = None,
+    capture: bool = False,
+    grad: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Logits ``[b, s, V]`` for ``ids`` ``[b, s]`` (``packed``: one row holding documents of these lengths,
-    run as THD with ``cu_seqlens``), and with ``capture`` each decoder layer's output ``[b, s, h]``."""
+    run as THD with ``cu_seqlens``), and with ``capture`` each decoder layer's output ``[b, s, h]``; with
+    ``grad`` the logits keep their graph (for a backward)."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
     layers = sm.model.decoder.layers
@@ -378,7 +416,7 @@ def forward(
             max_seqlen_kv=max(packed),
         )
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             logits = sm.model(
                 input_ids=ids, position_ids=position_ids, attention_mask=None, packed_seq_params=psp
             )
@@ -648,9 +686,65 @@ def fix_fp64_islands(env: dict[str, types.ModuleType]) -> Iterator[None]:
 FIXES["fp64_islands"] = fix_fp64_islands
 
 
+@contextlib.contextmanager
+def fix_kv_heads_below_tp(env: dict[str, types.ModuleType]) -> Iterator[None]:
+    """Finding 6: K=V global layers break when TP exceeds their KV heads (``num_global_key_value_heads <
+    tensor_model_parallel_size``).
+
+    Megatron's ``Attention`` supports fewer KV heads than TP ranks (``num_query_groups < world_size``:
+    ``num_query_groups_per_partition = 1``; ``get_query_key_value_tensors`` all-gathers ``linear_qkv``'s
+    output, takes this rank's group, then this rank's query heads: megatron-core ``attention.py``, "steps
+    1-4"). Their override for K=V global layers, ``Gemma4SelfAttention._split_qkv_global_k_eq_v``
+    (gemma4.py:864-895, called at gemma4.py:901 instead of the parent), reshapes the *local* shard as if it
+    held whole groups: at TP 2 with 1 global KV head (the released 12B; tiny-31b / tiny-12b) the view
+    raises (``shape '[s, b, 1, ...]' is invalid``), and with more ranks than heads on 26B-A4B (2) / 31B (4)
+    likewise. Fix: in that case do Megatron's steps 1-2 (all-gather, this rank's group) and 4 (this rank's
+    query heads) around their split; with ``num_query_groups >= TP`` their code runs unchanged.
+    """
+    cls = env["gemma4"].Gemma4SelfAttention
+    orig = cls._split_qkv_global_k_eq_v
+
+    def _split_qkv_global_k_eq_v(self, hidden_states):
+        from megatron.core.parallel_state import get_tensor_model_parallel_rank
+        from megatron.core.tensor_parallel.mappings import all_gather_last_dim_from_tensor_parallel_region
+
+        ng, world = self.config.num_query_groups, self.world_size
+        if ng >= world:
+            return orig(self, hidden_states)
+        rank, per_group = get_tensor_model_parallel_rank(), world // ng
+        mixed_qkv, _ = self.linear_qkv(hidden_states)
+        mixed_qkv = all_gather_last_dim_from_tensor_parallel_region(mixed_qkv)  # step 1
+        size = mixed_qkv.size(-1) // ng
+        mixed_qkv = mixed_qkv[:, :, (rank // per_group) * size : (rank // per_group + 1) * size]  # step 2
+        hn = self.hidden_size_per_attention_head
+        heads = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        mixed_qkv = mixed_qkv.view(*mixed_qkv.shape[:-1], 1, (heads + 2) * hn)
+        query, raw_key, _raw_value = torch.split(mixed_qkv, [heads * hn, hn, hn], dim=3)  # as theirs
+        query = query.reshape(query.size(0), query.size(1), -1, hn)
+        q_size = self.num_attention_heads_per_partition // per_group  # step 4
+        query = query[:, :, (rank % per_group) * q_size : (rank % per_group + 1) * q_size, :]
+        if self.q_layernorm is not None:
+            query = self.q_layernorm(query)
+        value = self.v_norm(raw_key)
+        key = self.k_layernorm(raw_key) if self.k_layernorm is not None else raw_key
+        return query, key, value
+
+    with _patched(cls, "_split_qkv_global_k_eq_v", _split_qkv_global_k_eq_v):
+        yield
+
+
+FIXES["kv_heads_below_tp"] = fix_kv_heads_below_tp
+
+
 # ---- the implementation under test (harness/parity/impl.py) ---------------------------------------------
 
-ALL_FIXES: tuple[str, ...] = ("layer_types", "global_rope", "sliding_window", "fp64_islands")
+ALL_FIXES: tuple[str, ...] = (
+    "layer_types",
+    "global_rope",
+    "sliding_window",
+    "fp64_islands",
+    "kv_heads_below_tp",
+)
 
 
 def parse_fixes(text: str) -> tuple[str, ...]:
@@ -679,9 +773,14 @@ class SlimePR2135:
     packing and attention kernels). ``fp64_islands`` is a precision fix for fp64 runs only: in fp32 / bf16
     runs it is not applied (their fp32 norm is what HF does there).
 
-    Runs the single process (TP = CP = EP = 1), plain and packed (THD with ``cu_seqlens``); forward only.
-    Activations are captured at the embedding, each layer's attention / dense MLP / routed experts / output,
-    the final norm and the logits: every point of :func:`harness.parity.capture.capture_order`.
+    Runs the single process, plain and packed (THD with ``cu_seqlens``), and TP > 1 or EP > 1 in forked
+    gloo ranks (:meth:`supports_run` declares the rest not applicable, with the reason). Activations are
+    captured at the embedding, each layer's attention / dense MLP / routed experts / output, the final norm
+    and the logits: every point of :func:`harness.parity.capture.capture_order`. With gradients
+    (``--grads``) it backpropagates the harness's loss through their model and maps every parameter's
+    gradient back to HF names with **their own** Megatron -> HF export (:func:`export_hf`, model name as
+    their default derives it, :data:`EXPORT_MODEL_NAME`): ``RankResult.hf_grads``, compared with HF's by the
+    pipeline.
     """
 
     fixes: tuple[str, ...] = ()
@@ -723,14 +822,31 @@ class SlimePR2135:
         return None
 
     def supports_run(self, layout: Any, grads: bool) -> str | None:
-        """What this plugin cannot run besides the config: sharded layouts and gradients."""
-        if layout.world_size > 1:
+        """The layouts this plugin cannot run (checked after :meth:`for_source`, so config-dependent ones are
+        known): TP alone or EP alone are run (forked gloo ranks, their model built with
+        ``--tensor-model-parallel-size`` / ``--expert-model-parallel-size``, weights cut by Megatron's
+        partition attributes); the rest is declared here with the reason."""
+        if layout.cp > 1:
             return (
-                f"layout {layout.name} (TP/CP/EP > 1): the plugin loads weights single-process only "
-                "(sharded loading through their bridge is not written)"
+                "context parallelism: the plugin does not write the CP split of inputs, positions and "
+                "packed-sequence params for their model (their SDPACoreAttention has its own CP path)"
             )
-        if grads:
-            return "--grads: mapping their parameter gradients back to HF names is not written"
+        if layout.sequence_parallel:
+            return "sequence parallelism: not written in the plugin (their scripts' --sequence-parallel)"
+        if layout.tp > 1 and layout.ep > 1:
+            return "TP and EP together: not written in the plugin (TP alone and EP alone are)"
+        if layout.world_size > 1 and layout.packed:
+            return "a packed row under TP/EP: not written in the plugin (packed runs single-process)"
+        cfg = self.hf_config or {}
+        if layout.tp > 1 and cfg:
+            for key in ("vocab_size", "num_attention_heads"):
+                if cfg.get(key) and cfg[key] % layout.tp:
+                    return f"{key} {cfg[key]} is not divisible by TP {layout.tp} (Megatron partitions it)"
+        if layout.ep > 1 and cfg:
+            if not cfg.get("enable_moe_block"):
+                return "expert parallelism needs experts (enable_moe_block)"
+            if cfg["num_experts"] % layout.ep:
+                return f"num_experts {cfg['num_experts']} is not divisible by EP {layout.ep}"
         return None
 
     def run(self, rank, world, spec, dtype, full_weights, seq, layout, ref_grads):
@@ -739,10 +855,19 @@ class SlimePR2135:
         from harness.parity.impl import ImplementationBroken, RankResult
 
         why = self.supports_run(layout, ref_grads is not None)
-        if why or world != 1:
-            raise InvalidInputError(f"{self.name} cannot run this: {why or 'more than one rank'}")
+        if why or world != layout.world_size:
+            raise InvalidInputError(
+                f"{self.name} cannot run this: {why or f'{world} ranks for {layout.name}'}"
+            )
         if self.hf_config is None:
             raise InvalidInputError(f"{self.name}: needs the HF config (use .for_source(source))")
+        tp, ep = layout.tp, layout.ep
+        tp_rank = ep_rank = dp_rank = 0
+        if world > 1:  # a forked gloo rank (harness.distributed.run_distributed): Megatron's groups exist
+            from megatron.core import parallel_state as ps
+
+            tp_rank, ep_rank = ps.get_tensor_model_parallel_rank(), ps.get_expert_model_parallel_rank()
+            dp_rank = ps.get_data_parallel_rank()
         config = dict(self.hf_config)
         hf_state = mcore_to_hf(full_weights, spec)
         fixes = tuple(f for f in self.fixes if f != "fp64_islands" or dtype == torch.float64)
@@ -750,9 +875,12 @@ class SlimePR2135:
         if layout.packed:
             cu = seq.cu_padded.tolist()
             lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
-        with build(config, dtype, hf_state, fixes=fixes) as sm:
+        rows = seq.ids.shape[0] // ep  # EP ranks are data-parallel replicas: each takes its rows
+        ids = seq.ids[dp_rank * rows : (dp_rank + 1) * rows]
+        labels = seq.labels[dp_rank * rows : (dp_rank + 1) * rows]
+        with build(config, dtype, hf_state, fixes=fixes, tp=tp, ep=ep) as sm:
             try:
-                load_hf_weights(sm, hf_state)
+                load_hf_weights(sm, hf_state, tp_rank=tp_rank, tp=tp, ep_rank=ep_rank, ep=ep)
             except InvalidInputError as exc:  # their model does not fit the HF weights: their defect
                 import re
 
@@ -764,9 +892,17 @@ class SlimePR2135:
                 )
                 raise ImplementationBroken(f"its weights do not fit its model: {exc}", point) from None
             acts: dict[str, torch.Tensor] = {}
+            grad = ref_grads is not None
             with _capture(sm.model, acts):
-                logits, _ = forward(sm, seq.ids, packed=lengths)
-        return RankResult(0, 0, 0, 0, acts, logits.detach())
+                logits, _ = forward(sm, ids, packed=lengths, grad=grad)
+            if tp > 1 and logits.shape[-1] != spec.vocab_size:  # vocab-parallel logits: gather, unpad
+                from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+                logits = gather_from_tensor_model_parallel_region(logits)[..., : spec.vocab_size]
+            out = RankResult(tp_rank, 0, dp_rank, ep_rank, acts, logits.detach())
+            if grad:
+                out.hf_grads, out.missing_grads = named_grads(sm, logits, labels, tp=tp, ep=ep)
+        return out
 
 
 @contextlib.contextmanager
@@ -806,3 +942,283 @@ def _capture(model: torch.nn.Module, store: dict[str, torch.Tensor]) -> Iterator
     finally:
         for h in hooks:
             h.remove()
+
+
+# ---- their Megatron -> HF export (slime/backends/megatron_utils/megatron_to_hf) -------------------------
+
+_EXPORT_PKG = "slime.backends.megatron_utils.megatron_to_hf"
+#: The converters ``megatron_to_hf/__init__.py`` imports that are not in the reference copy (other models).
+_OTHER_CONVERTERS = {
+    "deepseekv3": "convert_deepseekv3_to_hf",
+    "glm4": "convert_glm4_to_hf",
+    "glm4moe": "convert_glm4moe_to_hf",
+    "gpt_oss": "convert_gpt_oss_to_hf",
+    "llama": "convert_llama_to_hf",
+    "mimo": "convert_mimo_to_hf",
+    "minimax_m2": "convert_minimax_m2_to_hf",
+    "qwen2": "convert_qwen2_to_hf",
+    "qwen3_5": "convert_qwen3_5_to_hf",
+    "qwen3_next": "convert_qwen3_next_to_hf",
+    "qwen3_vl": "convert_qwen3vl_to_hf",
+    "qwen3moe": "convert_qwen3moe_to_hf",
+}
+
+#: The model names a user passes as ``--model-name`` for the released checkpoints: their own run scripts'
+#: ``MODEL_NAME`` (``scripts/run-gemma4-31B-gsm8k.sh``, ``run-gemma4-26B-A4B-gsm8k.sh``), the same lowercased,
+#: and the HF repo ids (facts §4: ``google/gemma-4-31B-it``...).
+RELEASED_MODEL_NAMES: tuple[str, ...] = (
+    "gemma-4-31B-it",
+    "gemma-4-26B-A4B-it",
+    "gemma-4-31b-it",
+    "gemma-4-26b-a4b-it",
+    "google/gemma-4-31B-it",
+    "google/gemma-4-26B-A4B-it",
+)
+
+
+def _export_stand_ins() -> dict[str, types.ModuleType]:
+    """Stand-ins for what ``megatron_to_hf/__init__.py`` imports and the copy lacks: the other models'
+    converters (raise if called) and ``processors`` (upstream slime's ``remove_padding``: the embedding and
+    output layer cut to ``vocab_size`` rows; ``quantize_params`` without a quantization config: unchanged)."""
+    mods: dict[str, types.ModuleType] = {}
+    for sub, fn in _OTHER_CONVERTERS.items():
+        m = types.ModuleType(f"{_EXPORT_PKG}.{sub}")
+
+        def _absent(*a: Any, _fn: str = fn, **k: Any) -> Any:
+            raise NotImplementedError(f"{_fn} is not in the slime #2135 reference copy")
+
+        setattr(m, fn, _absent)
+        mods[m.__name__] = m
+    proc = types.ModuleType(f"{_EXPORT_PKG}.processors")
+
+    def remove_padding(name: str, param: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        if name in ("module.module.embedding.word_embeddings.weight", "module.module.output_layer.weight"):
+            return param[:vocab_size]
+        return param
+
+    def quantize_params(args: Any, name: str, converted: list, quantization_config: Any) -> list:
+        if quantization_config is not None:
+            raise NotImplementedError("quantized export is not part of the harness's round trip")
+        return converted
+
+    proc.remove_padding, proc.quantize_params = remove_padding, quantize_params
+    mods[proc.__name__] = proc
+    for m in mods.values():
+        m.__harness_stand_in__ = True
+    return mods
+
+
+@contextlib.contextmanager
+def export_environment(sm: SlimeModel) -> Iterator[types.ModuleType]:
+    """Their export package (``megatron_to_hf``, whose ``convert_to_hf(args, model_name, name, param)``
+    dispatches on ``model_name``) importable inside the model's environment; yields the package. Their
+    ``_get_config`` reads the checkpoint with ``AutoConfig``: answered with the pre-5.15 view
+    (:class:`~harness.compat.old_schema.OldSchemaView`, as for their model), and its caches are emptied on
+    entry and exit."""
+    import importlib
+
+    import transformers
+
+    before = set(sys.modules)
+    real = transformers.AutoConfig
+
+    class _OldSchemaAutoConfig:
+        @staticmethod
+        def from_pretrained(*a: Any, **k: Any) -> Any:
+            return OldSchemaView(real.from_pretrained(*a, **k))
+
+    stand_ins = _export_stand_ins()
+    sys.modules.update(stand_ins)
+    transformers.AutoConfig = _OldSchemaAutoConfig
+    try:
+        pkg = importlib.import_module(_EXPORT_PKG)
+        g4 = importlib.import_module(f"{_EXPORT_PKG}.gemma4")
+        g4._config_cache.clear()
+        g4.reset_expert_buffers()
+        yield pkg
+        g4._config_cache.clear()
+        g4.reset_expert_buffers()
+    finally:
+        transformers.AutoConfig = real
+        for k in set(sys.modules) - before:
+            if k == "slime" or k.startswith("slime."):
+                sys.modules.pop(k, None)
+
+
+def megatron_named_tensors(sm: SlimeModel, tensors: dict[str, torch.Tensor] | None = None):
+    """``(name, tensor)`` as their export receives them in a slime run: Megatron's TE names (the model is
+    built with local modules: :func:`_te_name` gives the TE name their code was written against) under
+    ``module.module.`` (DDP + Float16Module), parameters then buffers (``layer_scalar``); or, given,
+    ``tensors`` instead (local TP = 1 names with global expert indices; e.g. gradients)."""
+    own = dict(sm.model.named_parameters()) | dict(sm.model.named_buffers())
+    for local, value in (own if tensors is None else tensors).items():
+        yield f"module.module.{_te_name(local)}", value.detach()
+
+
+def export_hf(
+    sm: SlimeModel,
+    model_name: str,
+    tensors: dict[str, torch.Tensor] | None = None,
+    *,
+    fixes: tuple[str, ...] = (),
+) -> dict[str, torch.Tensor]:
+    """Their Megatron -> HF export of the model (or of ``tensors``, by local name) through their own
+    ``convert_to_hf(args, model_name, name, param)``, as a state dict with HF names relative to ``model.``
+    (``model.language_model.`` stripped). A name exported twice with different values raises (the tied
+    output layer, if present, must equal the embedding). ``fixes`` names entries of :data:`EXPORT_FIXES`."""
+    out: dict[str, torch.Tensor] = {}
+    prefix = "model.language_model."
+    with export_environment(sm) as pkg, contextlib.ExitStack() as stack:
+        for name in fixes:
+            stack.enter_context(EXPORT_FIXES[name](pkg))
+        for name, param in megatron_named_tensors(sm, tensors):
+            for hf_name, value in pkg.convert_to_hf(sm.args, model_name, name, param):
+                if not hf_name.startswith(prefix):
+                    raise ValueError(f"{name} exported as {hf_name!r}, outside {prefix}")
+                key = hf_name[len(prefix) :]
+                if key in out and not torch.equal(out[key], value):
+                    raise ValueError(f"{key} exported twice with different values (from {name})")
+                out[key] = value
+    return out
+
+
+#: Fixes of their export, applied from outside (``with EXPORT_FIXES[name](pkg):``).
+EXPORT_FIXES: dict[str, Callable[[types.ModuleType], contextlib.AbstractContextManager]] = {}
+
+
+@contextlib.contextmanager
+def fix_export_model_name(pkg: types.ModuleType) -> Iterator[None]:
+    """Finding 5: their export rejects the released models' names.
+
+    ``_convert_to_hf_core`` (``megatron_to_hf/__init__.py:59``) picks the Gemma 4 converter with
+    ``"gemma4" in model_name``: the names of the released checkpoints, as their own run scripts spell them
+    (``MODEL_NAME=gemma-4-31B-it``, ``gemma-4-26B-A4B-it``) or lowercased, or as HF repo ids
+    (``google/gemma-4-31B-it``), contain ``gemma-4``, not ``gemma4``: every parameter raises
+    ``ValueError: Unsupported model``. Fix: the dispatch sees the name lowercased with ``gemma-4`` /
+    ``gemma_4`` read as ``gemma4`` (other models' names unchanged).
+    """
+    import re
+
+    orig = pkg._convert_to_hf_core
+
+    def _convert_to_hf_core(args, model_name, name, param):
+        if re.search(r"gemma[-_]?4", model_name, flags=re.IGNORECASE):
+            model_name = re.sub(r"gemma[-_]?4", "gemma4", model_name, flags=re.IGNORECASE).lower()
+        return orig(args, model_name, name, param)
+
+    with _patched(pkg, "_convert_to_hf_core", _convert_to_hf_core):
+        yield
+
+
+EXPORT_FIXES["model_name"] = fix_export_model_name
+
+
+#: The model name their export is called with for gradients: what upstream slime derives when ``--model-name``
+#: is not given (``type(AutoConfig.from_pretrained(hf_checkpoint)).__name__.lower()``; a text checkpoint's
+#: ``Gemma4TextConfig``), which their dispatch accepts (``"gemma4" in model_name``).
+EXPORT_MODEL_NAME = "gemma4textconfig"
+
+
+def named_grads(
+    sm: SlimeModel, logits: torch.Tensor, labels: torch.Tensor, *, tp: int = 1, ep: int = 1
+) -> tuple[dict[str, torch.Tensor] | None, list[str]]:
+    """The named-gradients hook: backpropagate :func:`harness.parity.inputs.lm_loss` of ``logits`` (still
+    holding their graph) and map every parameter's gradient to HF names through their own export
+    (:func:`export_hf`). Returns ``(HF name -> gradient, their parameters that got no gradient)``.
+
+    Under TP / EP (a forked rank): the gradients are first finalized as Megatron's DDP does (summed over the
+    data-parallel ranks, q/k layernorms over TP: :func:`harness.parity.megatron_side.finalize_grads`), then
+    made whole as slime does before its export: TP shards all-gathered and joined by Megatron's partition
+    attributes, EP ranks' experts all-gathered under their global index. Only global rank 0 exports (the
+    others return ``None``)."""
+    from harness.parity.inputs import lm_loss
+
+    for p in sm.model.parameters():
+        p.grad = None
+    lm_loss(logits, labels).backward()
+    distributed = tp > 1 or ep > 1
+    if distributed:
+        from harness.parity.megatron_side import finalize_grads
+
+        finalize_grads(sm.model, sm.model.config)
+    grads, missing = {}, []
+    for name, p in sm.model.named_parameters():
+        if p.grad is None:
+            missing.append(name)
+            if not distributed:
+                continue
+        # zeros keep every rank's collectives aligned; the parameter is reported missing all the same
+        grads[name] = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+    if distributed:
+        import torch.distributed as dist
+
+        grads = _whole_grads(sm, grads, tp, ep)
+        if dist.get_rank() != 0:
+            return None, missing
+    return export_hf(sm, EXPORT_MODEL_NAME, grads), missing
+
+
+def _whole_grads(sm: SlimeModel, grads: dict[str, torch.Tensor], tp: int, ep: int) -> dict[str, torch.Tensor]:
+    """TP = 1 / EP = 1 gradients (local names, global expert indices) from every rank's pieces."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from gemma4.parallel import gather_like, global_expert_name
+
+    params = dict(sm.model.named_parameters())
+    num_experts = int(sm.config.get("num_experts") or 1)
+    out: dict[str, torch.Tensor] = {}
+    for name, g in grads.items():
+        p = params[name]
+        if tp > 1 and getattr(p, "tensor_model_parallel", False):
+            shards = [torch.empty_like(g) for _ in range(tp)]
+            dist.all_gather(shards, g.contiguous(), group=ps.get_tensor_model_parallel_group())
+            g = gather_like(shards, p)
+        if ep > 1 and ".experts.local_experts." in name:
+            pieces = [torch.empty_like(g) for _ in range(ep)]
+            dist.all_gather(pieces, g.contiguous(), group=ps.get_expert_model_parallel_group())
+            for r, piece in enumerate(pieces):
+                out[global_expert_name(name, r, ep, num_experts)] = piece
+            continue
+        out[name] = g
+    return out
+
+
+@dataclass(frozen=True)
+class RoundTrip:
+    """HF state dict -> their model (their bridge) -> their export, against the HF state dict: the HF names
+    the export did not produce, the names it produced that HF does not have, and the names whose tensors are
+    not bit-identical (value, dtype or shape)."""
+
+    missing: list[str]
+    extra: list[str]
+    differ: list[str]
+
+    @property
+    def exact(self) -> bool:
+        return not (self.missing or self.extra or self.differ)
+
+
+def round_trip(
+    config: dict[str, Any],
+    dtype: torch.dtype,
+    model_name: str,
+    *,
+    fixes: tuple[str, ...] = ("layer_types",),
+    export_fixes: tuple[str, ...] = (),
+    seed: int = 0,
+) -> RoundTrip:
+    """The harness's seeded HF weights for ``config`` in ``dtype`` loaded into their model by their bridge
+    (:func:`load_hf_weights`), exported by their ``convert_to_hf`` under ``model_name`` (:func:`export_hf`),
+    compared bit for bit with the HF state dict. ``fixes`` (model build; default ``layer_types``, without
+    which the released schedules do not build, finding 1) and ``export_fixes`` are applied from outside."""
+    _, hf_state = hf_reference(config, dtype, seed)
+    with build(config, dtype, hf_state, fixes=fixes) as sm:
+        load_hf_weights(sm, hf_state)
+        out = export_hf(sm, model_name, fixes=export_fixes)
+    differ = [
+        k
+        for k, v in hf_state.items()
+        if k in out and not (out[k].dtype == v.dtype and out[k].shape == v.shape and torch.equal(out[k], v))
+    ]
+    return RoundTrip(sorted(set(hf_state) - set(out)), sorted(set(out) - set(hf_state)), differ)

@@ -10,8 +10,10 @@ implementation. :data:`OURS` (this repo's Megatron-Core Gemma 4) is the default;
 
 Two optional methods, looked up with ``getattr`` by :func:`harness.parity.run.run_parity`:
 ``for_source(source) -> impl`` (the implementation bound to the run's :class:`~harness.parity.source.
-ParitySource`, e.g. to write the HF ``config.json`` its provider reads) and ``supports_run(layout, grads)
--> str | None`` (a reason it cannot run this layout or compare gradients; exit 2 before any work).
+ParitySource`, e.g. to write the HF ``config.json`` its provider reads; called before ``supports_run``) and
+``supports_run(layout, grads) -> str | None`` (a reason it cannot run this layout or compare gradients; exit
+2 before any work). A reason from ``supports`` / ``supports_run`` is *declared*: the report shows such a row
+as not applicable; an implementation that declares support and then fails or refuses fails the run.
 An implementation may capture a subset of :func:`harness.parity.capture.capture_order`: the points it does
 not report are listed as not captured in the result's notes, never compared as zeros.
 """
@@ -53,8 +55,17 @@ class ImplementationBroken(Exception):
 class RankResult:
     """What one rank of the implementation hands back: its local activations (``[b, s_local, h]`` at the
     capture points of :func:`harness.parity.capture.capture_order`) and logits, where it sits in the
-    layout, and, when gradients are compared, each local parameter's gradient error against the reference
-    (``{"max_abs", "ref_max_abs", "scaled"}``) and the parameters that got no gradient."""
+    layout, and, when gradients are compared, either
+
+    * ``grad_diffs``: each local parameter's gradient error against the reference (``{"max_abs",
+      "ref_max_abs", "scaled"}``, measured by the implementation against the ``ref_grads`` it was given; what
+      :data:`OURS` does per TP/EP shard), or
+    * ``hf_grads``: its gradients mapped back to **HF names** (relative to ``model.``, as
+      :func:`harness.reference.hf_text_state_dict` names them; full, unsharded tensors), which the pipeline
+      compares with HF's own gradients (:func:`harness.parity.run.hf_grad_diffs`) and judges like any other:
+      the implementation never grades itself. A sharded implementation returns them on one rank only.
+
+    and ``missing_grads``: the parameters that got no gradient."""
 
     tp_rank: int
     cp_rank: int
@@ -64,6 +75,7 @@ class RankResult:
     logits: torch.Tensor
     grad_diffs: dict[str, dict[str, float]] | None = None
     missing_grads: list[str] = field(default_factory=list)
+    hf_grads: dict[str, torch.Tensor] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain containers, for the trip from a forked rank (:func:`harness.distributed.run_distributed`
@@ -99,8 +111,9 @@ class ImplementationUnderTest(Protocol):
     ) -> RankResult:
         """Build the model for ``layout`` on this rank, load ``full_weights`` (TP = 1 Megatron names and
         shapes of the unpadded spec), run the forward on ``seq`` capturing activations, and with
-        ``ref_grads`` (same naming) backpropagate :func:`harness.parity.inputs.lm_loss` and measure each
-        gradient against the reference's."""
+        ``ref_grads`` (same naming) backpropagate :func:`harness.parity.inputs.lm_loss` and either measure
+        each gradient against the reference's (``grad_diffs``) or hand its gradients back under HF names
+        (``hf_grads``: the named-gradients hook, compared by the pipeline; see :class:`RankResult`)."""
         ...
 
 

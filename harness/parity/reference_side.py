@@ -81,15 +81,28 @@ def reference_grads(
     (zeros for a weight HF did not use); a non-finite one is invalid input (the loss overflows)."""
     from gemma4.conversion.mapping import hf_to_mcore
 
+    named = reference_hf_grads(hf, hf_weights, label)
+    hf_grads = {k: named[k] if k in named else torch.zeros_like(v) for k, v in hf_weights.items()}
+    return hf_to_mcore(hf_grads, spec)
+
+
+def reference_hf_grads(
+    hf: torch.nn.Module, hf_weights: dict[str, torch.Tensor], label: str
+) -> dict[str, torch.Tensor]:
+    """The reference's gradients after :func:`run_reference` with ``grads=True`` under HF names (relative to
+    ``model.``, the keys of ``hf_weights``), for the HF **parameters** only (buffers such as ``layer_scalar``
+    have none); what an implementation's HF-named gradients (``RankResult.hf_grads``) are compared with. A
+    parameter HF did not use gets zeros; a non-finite gradient is invalid input (the loss overflows)."""
     named = dict(hf.named_parameters())
-    hf_grads = {}
+    out: dict[str, torch.Tensor] = {}
     for k, v in hf_weights.items():
         param = named.get(("" if k.startswith("lm_head.") else "model.") + k)
-        hf_grads[k] = param.grad if param is not None else torch.zeros_like(v)
-    for k, g in hf_grads.items():
-        if not bool(torch.isfinite(g).all()):
+        if param is None:
+            continue
+        out[k] = param.grad if param.grad is not None else torch.zeros_like(v)
+        if not bool(torch.isfinite(out[k]).all()):
             raise InvalidInputError(
                 f"{label}: the HF reference's gradient of {k!r} is non-finite; the loss overflows "
                 "on this input (not a port failure)"
             )
-    return hf_to_mcore(hf_grads, spec)
+    return out

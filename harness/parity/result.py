@@ -29,7 +29,9 @@ class ParityTensors:
 
 @dataclass(frozen=True)
 class ParityResult:
-    """One parity run: ours against the reference, judged (:mod:`harness.parity.judge`)."""
+    """One parity run: the implementation under test (``impl``, its name: ``gemma4-mcore`` is ours) against
+    the reference, judged (:mod:`harness.parity.judge`). The summary and the JSON name ``impl``, so a plugin's
+    result is never read as ours."""
 
     passed: bool
     source: str
@@ -70,6 +72,7 @@ class ParityResult:
         lay = self.layout
         return {
             "pass": self.passed,
+            "impl": self.impl,
             "source": self.source,
             "dtype": self.dtype,
             "exact_fp64_reference": self.exact_fp64_reference,
@@ -111,8 +114,9 @@ class ParityResult:
         """A short human-readable report (what ``gemma4-harness parity`` prints)."""
         lg, st, tol = self.logits, self.stats, self.tolerance
         lines = [
-            f"parity {self.source}  dtype={self.dtype}  layout={self.layout.name}"
+            f"parity {self.source}  impl={self.impl}  dtype={self.dtype}  layout={self.layout.name}"
             f"  batch={self.batch} seq={self.seq_len}  seed={self.seed}  tolerance={tol.name}",
+            f"  checked     {self.impl} against HF transformers (the oracle)",
             f"  logits      max|d|={lg.max_abs:.3e} (<= {tol.logits_max_abs:.0e})  max rel={lg.max_rel:.3e}",
             f"  activations max scaled={self.activations_max_scaled:.3e} (<= {tol.activations_max_scaled:.0e})",
             f"  log-probs   KL mean={st.kl_mean:.3e} max={st.kl_max:.3e}  argmax agreement="

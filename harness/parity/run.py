@@ -30,7 +30,17 @@ from harness.tolerances import FP64_EXACT, FP64_FP32_ISLANDS, Tolerance, reorder
 
 class UnsupportedByImplementation(InvalidInputError):
     """The implementation under test cannot run this config or layout (exit 2): reported as unsupported,
-    never as a numerical failure."""
+    never as a numerical failure.
+
+    ``reason`` is the implementation's own reason. ``declared`` is true only when it was declared up front
+    by ``supports(spec)`` / ``supports_run(layout, grads)`` before any work: the report shows such a row as
+    *not applicable*. Raised from inside ``run`` after support was declared, it is not (the row fails: the
+    implementation's declaration did not hold)."""
+
+    def __init__(self, message: str, reason: str | None = None, *, declared: bool = False):
+        super().__init__(message)
+        self.reason = reason if reason is not None else message
+        self.declared = declared
 
 
 def _rank_as_dict(rank: int, world: int, impl: ImplementationUnderTest, *args) -> dict:
@@ -70,12 +80,14 @@ def run_parity(
         raise InvalidInputError(f"--batch must be >= 1 and --seq-len >= 2 (got {batch}, {seq_len})")
     spec = source.spec
     unsupported = impl.supports(spec)
+    if unsupported is None and hasattr(impl, "for_source"):
+        impl = impl.for_source(source)  # bound first, so supports_run can see the config
     if unsupported is None and hasattr(impl, "supports_run"):
         unsupported = impl.supports_run(layout, grads)
     if unsupported is not None:
-        raise UnsupportedByImplementation(f"{impl.name} cannot run {source.label}: {unsupported}")
-    if hasattr(impl, "for_source"):
-        impl = impl.for_source(source)
+        raise UnsupportedByImplementation(
+            f"{impl.name} cannot run {source.label}: {unsupported}", unsupported, declared=True
+        )
     validate_layout(spec, layout, batch, seq_len)
     # Nothing is allocated before the estimate: a config or flag asking for terabytes is refused (exit 2).
     forced = check_budget(
@@ -112,6 +124,7 @@ def run_parity(
         noise = reference_side.reference_noise(source, dtype, seed, ids, cu, layout, ref_acts)
         tol = reordered(tol, *noise)
     ref_grads = reference_side.reference_grads(hf, hf_weights, spec, source.label) if grads else None
+    ref_hf_grads = reference_side.reference_hf_grads(hf, hf_weights, source.label) if grads else None
     t_ref = time.perf_counter() - t0
 
     # ---- the implementation under test ----
@@ -167,6 +180,14 @@ def run_parity(
             for name, d in (r.grad_diffs or {}).items():
                 key = name if layout.world_size == 1 else f"{name}@tp{r.tp_rank}cp{r.cp_rank}ep{r.ep_rank}"
                 per_param[key] = d
+        named = [r for r in results if r.hf_grads is not None]
+        if named:  # HF-named gradients (the named-gradients hook): compared here, with HF's own
+            d, m = hf_grad_diffs(named[0].hf_grads, ref_hf_grads)
+            per_param.update(d)
+            missing += m
+            notes.append(f"gradients: {impl.name}'s, mapped back to HF names by the implementation")
+        elif not per_param and not missing:
+            missing.append(("(every parameter)", f"{impl.name} returned neither grad_diffs nor hf_grads"))
         grad_errors = GradientErrors(per_param, missing)
     verdict = judge(points, stats, tol, spec, grad_errors)
 
@@ -198,6 +219,35 @@ def run_parity(
         ),
         impl=impl.name,
     )
+
+
+def hf_grad_diffs(
+    ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]
+) -> tuple[dict[str, dict[str, float]], list[tuple[str, str]]]:
+    """An implementation's HF-named gradients against HF's (:func:`~harness.parity.reference_side.
+    reference_hf_grads`): ``{"max_abs", "ref_max_abs", "scaled"}`` per HF parameter (scaled as for our model:
+    by ``max(ref_max_abs, GRAD_SCALE_FLOOR * largest reference gradient)``), and what cannot be compared as
+    ``(name, why)``: an HF parameter it gave no gradient for, a name HF does not have, a shape that differs."""
+    from harness.compare import tensor_diff
+    from harness.tolerances import GRAD_SCALE_FLOOR
+
+    floor = GRAD_SCALE_FLOOR * max((float(g.abs().max()) for g in ref.values() if g.numel()), default=0.0)
+    diffs: dict[str, dict[str, float]] = {}
+    missing = [(n, "not in its HF-named gradients") for n in ref if n not in ours]
+    for name, g in ours.items():
+        if name not in ref:
+            missing.append((name, "its HF-named gradients have this name, HF has no such parameter"))
+            continue
+        if tuple(g.shape) != tuple(ref[name].shape):
+            missing.append((name, f"shape {tuple(g.shape)}, HF's is {tuple(ref[name].shape)}"))
+            continue
+        d = tensor_diff(g, ref[name])
+        diffs[name] = {
+            "max_abs": d.max_abs,
+            "ref_max_abs": d.ref_max_abs,
+            "scaled": d.max_abs / max(d.ref_max_abs, floor, 1e-300),
+        }
+    return diffs, missing
 
 
 def _broken(exc: ImplementationBroken, spec, **common) -> ParityResult:

@@ -23,13 +23,19 @@ def shorten(text: str, limit: int = 400) -> str:
 
 @dataclass
 class ParityRow:
-    """One ``run_parity`` run: ours vs HF for a preset, dtype and parallel layout."""
+    """One ``run_parity`` run: the implementation under test vs HF for a preset, dtype and parallel layout.
+
+    A row is one of: run (``result``; passed or failed), errored (``error``: failed), or *not applicable*
+    (``not_applicable``: the implementation declared up front, through ``supports`` / ``supports_run``, that
+    it cannot run this config or layout; the reason is its own). A not-applicable row is shown and counted,
+    but is neither a pass nor a failure."""
 
     preset: str
     dtype: str
     layout: str
     result: ParityResult | None = None  # read by JSON key (``result["metrics"]``) in render and plots
     error: str | None = None  # the run raised instead of returning
+    not_applicable: str | None = None  # the implementation's declared reason it cannot run this row
     per_position: list[float] = field(default_factory=list)  # logits max|ours - HF| per token position
     logits: torch.Tensor | None = None  # ours, kept for the layout-equivalence comparison
     input_ids: torch.Tensor | None = None
@@ -38,6 +44,13 @@ class ParityRow:
     @property
     def passed(self) -> bool:
         return self.error is None and self.result is not None and bool(self.result["pass"])
+
+    @property
+    def status(self) -> str:
+        """``PASS``, ``FAIL`` or ``n/a`` (not applicable: never counted as a failure)."""
+        if self.not_applicable is not None and self.error is None and self.result is None:
+            return "n/a"
+        return "PASS" if self.passed else "FAIL"
 
     def result_json(self) -> dict[str, Any] | None:
         """The parity result's JSON form (``results.json``)."""
@@ -49,8 +62,10 @@ class ParityRow:
             "preset": self.preset,
             "dtype": self.dtype,
             "layout": self.layout,
-            "pass": self.passed,
+            "pass": None if self.status == "n/a" else self.passed,
+            "status": self.status,
             "error": self.error,
+            "not_applicable": self.not_applicable,
             "per_position": self.per_position,
             "sliding_window": self.sliding_window,
             "result": self.result_json(),
@@ -99,7 +114,7 @@ class ReportData:
         """One line per failing row, equivalence or golden."""
         out = []
         for r in self.rows:
-            if not r.passed:
+            if r.status == "FAIL":
                 why = r.error if r.result is None else "; ".join(r.result["failures"])
                 out.append(f"parity {r.preset} {r.dtype} {r.layout}: {why}")
         for e in self.equivalence:
@@ -114,6 +129,16 @@ class ReportData:
     @property
     def passed(self) -> bool:
         return not self.failures
+
+    @property
+    def not_applicable(self) -> list[ParityRow]:
+        """The parity rows the implementation under test declared it cannot run."""
+        return [r for r in self.rows if r.status == "n/a"]
+
+    @property
+    def impl(self) -> str:
+        """The name of the implementation under test (``gemma4-mcore``: ours)."""
+        return str(self.settings.get("impl", "gemma4-mcore"))
 
 
 def per_position_error(ours: torch.Tensor, ref: torch.Tensor) -> list[float]:
@@ -134,7 +159,8 @@ def run_row(
 ) -> ParityRow:
     """One parity run. Anything it raises (a preset the model refuses, a layout that does not fit the preset,
     a crash) becomes the row's error: the report goes on and the row fails. ``impl``: the implementation
-    under test (default ours); one that cannot run the preset or layout gives an ``unsupported`` error."""
+    under test (default ours); one that declares it cannot run the preset or layout gives a not-applicable
+    row with its reason (not a failure)."""
     from harness.parity import DTYPES, resolve_source, run_parity
     from harness.parity.impl import OURS
     from harness.parity.run import UnsupportedByImplementation
@@ -155,7 +181,10 @@ def run_row(
             **layout["kwargs"],
         )
     except UnsupportedByImplementation as exc:
-        row.error = f"unsupported: {exc}"
+        if exc.declared:  # declared up front by supports()/supports_run(): not applicable, not a failure
+            row.not_applicable = exc.reason
+        else:  # refused after declaring support: its declaration did not hold
+            row.error = f"unsupported after declaring support: {exc}"
         return row
     except Exception as exc:
         row.error = f"{type(exc).__name__}: {exc}"
@@ -187,6 +216,11 @@ def equivalence_rows(rows: list[ParityRow], baseline: str) -> list[EquivalenceRo
         if r.result is not None:
             bound = max(bound, float(r.result["tolerance"]["logits_max_abs"]))
         b = base.get((r.preset, r.dtype))
+        na = r.not_applicable if r.not_applicable is not None else (b.not_applicable if b else None)
+        if na is not None:  # nothing to compare: not applicable, not a failure
+            why = f"not applicable: {na}"
+            out.append(EquivalenceRow(r.preset, r.dtype, r.layout, baseline, None, bound, not_comparable=why))
+            continue
         if r.logits is None or b is None or b.logits is None:
             why = r.error or (b.error if b else None) or "baseline not run"
             out.append(EquivalenceRow(r.preset, r.dtype, r.layout, baseline, None, bound, error=why))

@@ -42,6 +42,10 @@ def parity_table(data) -> tuple[list[str], list[list[str]]]:
     ]
     rows = []
     for r in data.rows:
+        if r.status == "n/a":
+            why = shorten(f"not applicable: {r.not_applicable}")
+            rows.append([r.preset, r.dtype, r.layout, "", "", "", "", "", why, "n/a"])
+            continue
         if r.result is None:
             rows.append(
                 [r.preset, r.dtype, r.layout, "", "", "", "", "", shorten(f"error: {r.error}"), "FAIL"]
@@ -111,10 +115,23 @@ def _no_layouts_text(data) -> str:
 def _headline(data) -> str:
     n_gold = len(data.goldens.outcomes) if data.goldens else 0
     verdict = "PASS" if data.passed else "FAIL"
+    n_na = len(data.not_applicable)
     return (
-        f"Result: **{verdict}**: {len(data.rows)} parity runs, {len(data.equivalence)} layout comparisons, "
-        f"{n_gold} golden cases checked."
+        f"Result: **{verdict}**: {len(data.rows)} parity runs ({len(data.rows) - n_na} applicable, {n_na} not "
+        f"applicable to {data.impl}), {len(data.equivalence)} layout comparisons, {n_gold} golden cases checked."
     )
+
+
+def _impl_line(data) -> str:
+    ours = " (this repo's model)" if data.impl == "gemma4-mcore" else " (not this repo's model)"
+    return (
+        f"Implementation under test: {data.impl}{ours}, against HF transformers. Rows it declares it cannot "
+        "run are shown as n/a with its reason and are not counted as failures."
+    )
+
+
+def _parity_title(data) -> str:
+    return f"Parity: {data.impl} vs HF (preset × dtype × layout)"
 
 
 def _versions_line(data) -> str:
@@ -134,8 +151,17 @@ def markdown(data, plot_dir: str = "plots") -> str:
         out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
         return out
 
-    lines = ["# Gemma 4 parity report", "", _headline(data), "", _versions_line(data), ""]
-    lines += ["## Parity: ours vs HF (preset × dtype × layout)", "", *table(*parity_table(data)), ""]
+    lines = [
+        "# Gemma 4 parity report",
+        "",
+        _headline(data),
+        "",
+        _impl_line(data),
+        "",
+        _versions_line(data),
+        "",
+    ]
+    lines += [f"## {_parity_title(data)}", "", *table(*parity_table(data)), ""]
     lines += [f"## Layout equivalence (against {data.layouts[0]['name']})", ""]
     lines += [*table(*equivalence_table(data)), ""] if data.equivalence else [_no_layouts_text(data), ""]
     if data.goldens is not None:
@@ -179,8 +205,9 @@ def html_page(data, pngs: dict[str, bytes]) -> str:
         f"<style>{_CSS}</style></head><body>",
         "<h1>Gemma 4 parity report</h1>",
         f"<p class='verdict'>{html.escape(headline)}</p>",
+        f"<p>{html.escape(_impl_line(data))}</p>",
         f"<p>{html.escape(_versions_line(data))}</p>",
-        "<h2>Parity: ours vs HF (preset × dtype × layout)</h2>",
+        f"<h2>{html.escape(_parity_title(data))}</h2>",
         _html_table(*parity_table(data), status_col=9),
         f"<h2>Layout equivalence (against {html.escape(data.layouts[0]['name'])})</h2>",
         _html_table(*equivalence_table(data), status_col=6)
@@ -222,17 +249,28 @@ def html_page(data, pngs: dict[str, bytes]) -> str:
 
 
 def junit_xml(data) -> bytes:
-    """JUnit XML: a test case per parity row, layout comparison and golden case."""
+    """JUnit XML: a test case per parity row, layout comparison and golden case; a not-applicable parity
+    row is a skipped test case with the implementation's reason (never a failure)."""
     root = ET.Element("testsuites", name="gemma4-harness report")
 
-    def suite(name: str, cases: list[tuple[str, str, str | None]]) -> None:
-        failures = sum(1 for *_, f in cases if f is not None)
+    def suite(name: str, cases: list[tuple[str, str, str | None, str | None]]) -> None:
+        """``cases``: (classname, name, failure or None, skipped reason or None)."""
+        failures = sum(1 for *_, f, skip in cases if f is not None and skip is None)
+        skipped = sum(1 for *_, skip in cases if skip is not None)
         s = ET.SubElement(
-            root, "testsuite", name=name, tests=str(len(cases)), failures=str(failures), errors="0"
+            root,
+            "testsuite",
+            name=name,
+            tests=str(len(cases)),
+            failures=str(failures),
+            errors="0",
+            skipped=str(skipped),
         )
-        for classname, case_name, failure in cases:
+        for classname, case_name, failure, skip in cases:
             tc = ET.SubElement(s, "testcase", classname=classname, name=case_name)
-            if failure is not None:
+            if skip is not None:
+                ET.SubElement(tc, "skipped", message=skip[:500]).text = skip
+            elif failure is not None:
                 ET.SubElement(tc, "failure", message=failure[:500]).text = failure
 
     suite(
@@ -242,6 +280,7 @@ def junit_xml(data) -> bytes:
                 f"parity.{r.preset}",
                 f"{r.dtype}-{r.layout}",
                 None if r.passed else (r.error if r.result is None else "; ".join(r.result["failures"])),
+                f"not applicable to {data.impl}: {r.not_applicable}" if r.status == "n/a" else None,
             )
             for r in data.rows
         ],
@@ -253,6 +292,7 @@ def junit_xml(data) -> bytes:
                 f"equivalence.{e.preset}",
                 f"{e.dtype}-{e.layout}",
                 None if e.passed else (e.error or f"{e.max_abs}"),
+                None,
             )
             for e in data.equivalence
         ],
@@ -261,7 +301,7 @@ def junit_xml(data) -> bytes:
         suite(
             "goldens",
             [
-                ("goldens", o.case, None if o.ok else f"{o.status}: {o.message}")
+                ("goldens", o.case, None if o.ok else f"{o.status}: {o.message}", None)
                 for o in data.goldens.outcomes
             ],
         )

@@ -1,112 +1,67 @@
-"""Issue 15 item 6: SGLang 0.5.23 starts from our HF export (``convert mcore-to-hf --for sglang``).
+"""Issue 15 item 6: SGLang 0.5.23 starts from our HF export (``convert mcore-to-hf --for sglang``), run with
+SGLang's **own code** on CPU.
 
-Before: the export is a ``gemma4_text`` config with a ``per_layer_config`` (transformers >= 5.15 schema).
-SGLang flattens Gemma 4's per-layer head dims only for the multimodal model types
-(``sglang/srt/utils/hf_transformers/config.py``: ``_GEMMA4_MODEL_TYPES`` lines 66-73, which lacks
-``gemma4_text``; ``_apply_gemma4_attention_overrides`` lines 115-153, reading ``config.text_config``; called
-at lines 311-312 of ``HfModelConfigParser.parse``), then reads ``head_dim``
-(``configs/model_config.py`` line 1341, ``getattr(self.hf_text_config, "head_dim", None)``), which transformers
-refuses on a heterogeneous text config with ``AmbiguousGlobalPerLayerAttributeError`` (a ``RuntimeError``,
-so neither ``getattr(..., None)`` nor ``hasattr`` absorbs it). SGLang's ``Gemma4ForCausalLM``
-(``models/gemma4_causal.py`` lines 1106-1107, 569-571) takes that text config as is and needs the flattened
-``head_dim`` / ``swa_head_dim``. After: ``--for sglang`` writes the ``gemma4`` wrapper
-(``Gemma4ForConditionalGeneration``, ``text_config``, weights under ``model.language_model.``), which the
-flattening handles.
+What runs (all of it SGLang's, imported by :mod:`harness.testing.sglang_cpu`; nothing of SGLang is copied):
 
-**SGLang's own config loader does not import on CPU here**: ``sglang.srt.utils.hf_transformers.config``
-imports the package ``sglang.srt.utils`` -> ``srt.utils.common`` (``import orjson`` first, then the server
-stack; see ``tests/unit/gemma4/slime/test_sglang_contract.py``). So the test executes SGLang's **own source**
-of the flattening: the module-level definitions ``_GEMMA4_MODEL_TYPES``, ``_GEMMA4_FLATTENED_PER_LAYER_ATTRS``,
-``_gemma4_attention_shapes`` and ``_apply_gemma4_attention_overrides`` are taken (by AST, unmodified) from the
-installed ``sglang==0.5.23`` file and run after transformers' ``AutoConfig.from_pretrained`` (what SGLang's
-``common.AutoConfig`` is without modelscope), followed by the reads ``ModelConfig`` and the model make.
-Stubs: none (the extracted functions need only ``transformers`` config objects).
+* ``sglang.srt.configs.model_config.ModelConfig(<export dir>)`` -- the config object SGLang's server builds
+  from ``--model-path``: its ``get_config`` (``srt/utils/hf_transformers/config.py``:
+  ``HfModelConfigParser.parse``, whose lines 311-312 flatten Gemma 4's per-layer head dims for the
+  ``_GEMMA4_MODEL_TYPES`` of lines 66-73 through ``_apply_gemma4_attention_overrides``, lines 115-153),
+  ``get_hf_text_config`` and the head-dim / KV-head reads (``configs/model_config.py`` from line 1341);
+* SGLang's ``Gemma4ForConditionalGeneration`` (``models/gemma4_mm.py``, the export's architecture, with the
+  export's config as ``ModelConfig`` made it: transformers' default vision tower included) and its real
+  ``load_weights`` on the exported safetensors, every ``weight_loader`` call recorded, every parameter
+  NaN-filled first: no tensor skipped, no slot written twice, every text parameter holding the source
+  checkpoint's values in SGLang's layout (:func:`~harness.testing.sglang_cpu.load_and_check`); the per-layer
+  head dim / KV heads SGLang's attention layers were built with (``gemma4_causal.py`` lines 569-571).
+
+Before (and still the default ``--for hf``): the export is a ``gemma4_text`` config with a
+``per_layer_config`` (transformers >= 5.15 schema). ``gemma4_text`` is not among SGLang's Gemma 4 model types,
+and ``HfModelConfigParser.parse`` already dies copying the text config's attributes onto the config
+(line 267, ``hasattr(config, key)``): transformers refuses the global ``num_key_value_heads`` of a
+heterogeneous text config with ``AmbiguousGlobalPerLayerAttributeError`` (a ``RuntimeError``, which
+``hasattr`` does not absorb). After: ``--for sglang`` writes the ``gemma4`` wrapper
+(``Gemma4ForConditionalGeneration``, ``text_config``, weights under ``model.language_model.``).
+
+Planted faults (each red, kept as tests): the ``--for hf`` config written into the SGLang export (SGLang's
+config loader refuses it again), and the export's weights without the ``model.language_model.`` prefix
+(SGLang's ``load_weights`` strips ``model.`` and skips every text tensor, leaving its parameters unwritten).
+
+Stubs: those of :mod:`harness.testing.sglang_cpu` (:data:`~harness.testing.sglang_cpu.STUBS`):
+``sgl_kernel`` (SGLang's compiled CUDA-kernel package; its attributes raise if called, and the tests assert
+none was) and ``torchvision`` (PyPI's wheel is a CUDA build; stubbed only while SGLang's modules import).
+When SGLang is not importable the SGLang tests skip with the install line (fail under
+``GEMMA4_REQUIRE_SHARED=1``).
 """
 
 from __future__ import annotations
 
-import ast
 import json
+import shutil
+import types
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import save_file
 
-from gemma4.config import text_spec_from_any
+from gemma4.config import hf_text_config_from_any, text_spec_from_any
 from gemma4.conversion.convert import hf_to_mcore_dir, mcore_to_hf_dir
 from gemma4.conversion.hf_io import open_hf_checkpoint
 from gemma4.errors import InvalidInputError
 from harness.presets import preset_config_dict
+from harness.testing import sglang_cpu
 from harness.testing.conversion import save_hf_checkpoint, stored_tensors, text_relative
 
-transformers = pytest.importorskip("transformers")
-SGLANG_VERSION = "0.5.23"
-FLATTENING = (
-    "_GEMMA4_MODEL_TYPES",
-    "_GEMMA4_FLATTENED_PER_LAYER_ATTRS",
-    "_gemma4_attention_shapes",
-    "_apply_gemma4_attention_overrides",
-)
+pytestmark = pytest.mark.xdist_group("sglang-cpu")
 
-
-def _sglang_config_source() -> Path:
-    from importlib.metadata import PackageNotFoundError, distribution, version
-
-    try:
-        got = version("sglang")
-    except PackageNotFoundError:
-        pytest.skip(
-            f"sglang=={SGLANG_VERSION} is not installed (pip install --no-deps sglang=={SGLANG_VERSION})"
-        )
-    assert got == SGLANG_VERSION, (
-        f"pinned to sglang {SGLANG_VERSION} (line numbers in the docstring), got {got}"
-    )
-    path = Path(distribution("sglang").locate_file("sglang/srt/utils/hf_transformers/config.py"))
-    assert path.is_file(), path
-    return path
+PRESETS = ("tiny-31b", "tiny-26b-a4b")
+SGLANG_CONFIG_PY = "sglang/srt/utils/hf_transformers/config.py"
 
 
 @pytest.fixture(scope="module")
-def sglang_flattening() -> dict:
-    """SGLang 0.5.23's Gemma 4 flattening, executed from its installed source (see the module docstring)."""
-    path = _sglang_config_source()
-    tree = ast.parse(path.read_text(), str(path))
-    nodes = []
-    for node in tree.body:
-        names = (
-            [node.name]
-            if isinstance(node, ast.FunctionDef)
-            else [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
-        )
-        if any(n in FLATTENING for n in names):
-            nodes.append(node)
-    assert sorted(n.name if isinstance(n, ast.FunctionDef) else n.targets[0].id for n in nodes) == sorted(
-        FLATTENING
-    ), "SGLang's flattening moved"
-    ns: dict = {}
-    exec(compile(ast.Module(body=nodes, type_ignores=[]), str(path), "exec"), ns)  # noqa: S102
-    return ns
-
-
-def sglang_load(directory: Path, ns: dict):
-    """What SGLang 0.5.23 does with ``directory`` up to building the model: ``AutoConfig.from_pretrained``
-    (``HfModelConfigParser.parse``), the Gemma 4 flattening when ``model_type`` is in its list (311-312),
-    ``get_hf_text_config`` (the ``text_config`` of the wrapper), then ``ModelConfig``'s head-dim reads
-    (model_config.py 1341-1365) and the per-layer head dim the model picks (gemma4_causal.py 569-571).
-    Returns ``(architecture, [head_dim per layer], [kv heads per layer])``."""
-    config = transformers.AutoConfig.from_pretrained(directory)
-    if config.model_type in ns["_GEMMA4_MODEL_TYPES"]:
-        ns["_apply_gemma4_attention_overrides"](config)
-    text = getattr(config, "text_config", config)
-    head_dim = getattr(text, "head_dim", None)  # ModelConfig: raises on an unflattened per-layer config
-    assert head_dim is not None
-    swa = getattr(text, "swa_head_dim", None) or head_dim
-    swa_kv = getattr(text, "swa_num_key_value_heads", text.num_key_value_heads)
-    full = [t == "full_attention" for t in text.layer_types]
-    dims = [head_dim if f else swa for f in full]
-    kv = [text.num_key_value_heads if f else swa_kv for f in full]
-    return config.architectures[0], dims, kv
+def sglang() -> dict[str, types.ModuleType]:
+    return sglang_cpu.require_sglang()
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +69,7 @@ def exported(tmp_path_factory):
     """tiny-31b (sliding head dim 16, full 32; K=V full layers) and tiny-26b-a4b: HF -> Megatron, and both
     exports."""
     out = {}
-    for name in ("tiny-31b", "tiny-26b-a4b"):
+    for name in PRESETS:
         root = tmp_path_factory.mktemp(name)
         hf = save_hf_checkpoint(root / "hf", preset_config_dict(name), torch.float32)
         hf_to_mcore_dir(hf, root / "mc")
@@ -124,32 +79,132 @@ def exported(tmp_path_factory):
     return out
 
 
-def _want(name: str):
+def model_config(sglang: dict[str, types.ModuleType], directory: Path):
+    """SGLang's ``ModelConfig`` of ``directory`` (what ``--model-path directory`` gives the server)."""
+    from sglang.srt.configs.model_config import ModelConfig
+
+    return ModelConfig(str(directory), trust_remote_code=False)
+
+
+@pytest.fixture(scope="module")
+def sglang_models(sglang, exported):
+    """Per preset: SGLang's ``ModelConfig`` of the ``--for sglang`` export and the
+    ``Gemma4ForConditionalGeneration`` SGLang builds from it (float32, CPU)."""
+    out = {}
+    for name in PRESETS:
+        mc = model_config(sglang, exported[name][1] / "sglang")
+        model = sglang_cpu.build_sglang_model({}, "conditional", config=mc.hf_config)
+        out[name] = (mc, model)
+    return out
+
+
+def _want(name: str) -> tuple[list[int], list[int]]:
     spec = text_spec_from_any(preset_config_dict(name))
-    types = preset_config_dict(name)["layer_types"]
-    return [spec.head_dim_of(t) for t in types], [spec.kv_heads_of(t) for t in types]
+    types_ = preset_config_dict(name)["layer_types"]
+    return [spec.head_dim_of(t) for t in types_], [spec.kv_heads_of(t) for t in types_]
 
 
-def test_plain_export_does_not_start_sglang(exported, sglang_flattening):
-    """Before (and still the default ``--for hf``): SGLang's config path fails on the ``gemma4_text`` export."""
+def _source(hf: Path, name: str) -> tuple[dict[str, torch.Tensor], object]:
+    """The source HF checkpoint's text weights as ``model.X`` and its HF text config."""
+    cfg = hf_text_config_from_any(preset_config_dict(name))
+    full = {
+        (k if k == "lm_head.weight" else "model." + k): v
+        for k, v in text_relative(stored_tensors(hf)).items()
+    }
+    if cfg.tie_word_embeddings:
+        full.pop("lm_head.weight", None)
+    return full, cfg
+
+
+def _raised_in_sglangs_config_loader(excinfo: pytest.ExceptionInfo) -> bool:
+    return any(str(entry.path).endswith(SGLANG_CONFIG_PY) for entry in excinfo.traceback)
+
+
+def test_plain_export_is_refused_by_sglangs_config_loader(exported, sglang):
+    """Before (and still the default ``--for hf``): SGLang's own ``ModelConfig`` / ``get_config`` fail on the
+    ``gemma4_text`` export, inside SGLang's config parser."""
+    from transformers.integrations.heterogeneity.configuration_utils import (
+        AmbiguousGlobalPerLayerAttributeError,
+    )
+
     _, root = exported["tiny-31b"]
     assert json.loads((root / "plain" / "config.json").read_text())["model_type"] == "gemma4_text"
-    with pytest.raises(RuntimeError, match="head_dim"):
-        sglang_load(root / "plain", sglang_flattening)
+    assert "gemma4_text" not in sglang["config"]._GEMMA4_MODEL_TYPES
+    with pytest.raises(AmbiguousGlobalPerLayerAttributeError, match="per-layer attribute") as excinfo:
+        model_config(sglang, root / "plain")
+    assert _raised_in_sglangs_config_loader(excinfo)
+    with pytest.raises(AmbiguousGlobalPerLayerAttributeError):
+        sglang["config"].get_config(str(root / "plain"), trust_remote_code=False)
 
 
-@pytest.mark.parametrize("name", ["tiny-31b", "tiny-26b-a4b"])
-def test_sglang_export_flattens_to_the_models_head_dims(exported, sglang_flattening, name):
-    _, root = exported[name]
-    arch, dims, kv = sglang_load(root / "sglang", sglang_flattening)
-    assert arch == "Gemma4ForConditionalGeneration"
+@pytest.mark.parametrize("name", PRESETS)
+def test_sglang_model_config_flattens_the_export(sglang_models, name):
+    """SGLang's ``ModelConfig`` of the export: the wrapper architecture, the flattened head dims (full
+    ``head_dim``, sliding ``swa_head_dim``), and SGLang's attention layers built with each layer's head dim
+    and KV heads."""
+    mc, model = sglang_models[name]
+    spec = text_spec_from_any(preset_config_dict(name))
     want_dims, want_kv = _want(name)
     assert len(set(want_dims)) == 2  # full layers' head dim differs from sliding ones'
-    assert dims == want_dims
-    assert kv == want_kv
+    assert mc.hf_config.architectures == ["Gemma4ForConditionalGeneration"]
+    assert mc.hf_config.model_type == "gemma4"
+    assert mc.head_dim == spec.head_dim_of("full_attention")
+    assert mc.hf_text_config.swa_head_dim == spec.head_dim_of("sliding_attention")
+    assert mc.num_hidden_layers == len(want_dims) and mc.hidden_size == spec.hidden_size
+    layers = model.language_model.layers
+    assert [layer.self_attn.head_dim for layer in layers] == want_dims
+    assert [layer.self_attn.total_num_kv_heads for layer in layers] == want_kv
 
 
-@pytest.mark.parametrize("name", ["tiny-31b", "tiny-26b-a4b"])
+@pytest.mark.parametrize("name", PRESETS)
+def test_sglang_load_weights_takes_every_exported_tensor(exported, sglang_models, sglang, name):
+    """SGLang's own ``load_weights`` on the exported safetensors: nothing skipped, nothing written twice,
+    every text parameter holds the source checkpoint's values (in SGLang's fused layout)."""
+    hf, root = exported[name]
+    _, model = sglang_models[name]
+    full, cfg = _source(hf, name)
+    weights = stored_tensors(root / "sglang")
+    record, failures = sglang_cpu.load_and_check(model, "conditional", full, cfg, weights.items())
+    assert failures == []
+    assert record.skipped == [] and {emitted for emitted, *_ in record.calls} == set(weights)
+    assert sglang["sgl_kernel"].called == []
+
+
+def test_planted_hf_config_in_the_sglang_export_is_refused(exported, sglang, tmp_path):
+    """Planted: the ``--for hf`` config written into the SGLang export (weights unchanged): red again, in
+    SGLang's config loader."""
+    from transformers.integrations.heterogeneity.configuration_utils import (
+        AmbiguousGlobalPerLayerAttributeError,
+    )
+
+    _, root = exported["tiny-31b"]
+    bad = shutil.copytree(root / "sglang", tmp_path / "sglang-with-hf-config")
+    shutil.copy(root / "plain" / "config.json", bad / "config.json")
+    with pytest.raises(AmbiguousGlobalPerLayerAttributeError) as excinfo:
+        model_config(sglang, bad)
+    assert _raised_in_sglangs_config_loader(excinfo)
+
+
+def test_planted_export_without_language_model_prefix_is_red(exported, sglang_models, tmp_path):
+    """Planted: the export's weights under ``model.`` instead of ``model.language_model.``. SGLang's
+    ``Gemma4ForConditionalGeneration.load_weights`` strips ``model.`` and finds no parameter: it skips every
+    text tensor (no error of its own), and the check names them and the unwritten parameters."""
+    hf, root = exported["tiny-31b"]
+    _, model = sglang_models["tiny-31b"]
+    full, cfg = _source(hf, "tiny-31b")
+    renamed = {
+        n.replace("model.language_model.", "model.", 1): t for n, t in stored_tensors(root / "sglang").items()
+    }
+    save_file(renamed, str(tmp_path / "model.safetensors"))
+    _, failures = sglang_cpu.load_and_check(model, "conditional", full, cfg, stored_tensors(tmp_path).items())
+    assert "skipped by SGLang (no weight_loader ran): model.layers.0.self_attn.q_proj.weight" in failures
+    assert any(
+        f.startswith("wrong values: language_model.layers.0.self_attn.qkv_proj.weight") for f in failures
+    )
+    assert not any(f.startswith("written twice") for f in failures)
+
+
+@pytest.mark.parametrize("name", PRESETS)
 def test_sglang_export_weights_and_our_reader(exported, name):
     """Weights under ``model.language_model.``, bit-equal to the source; our own reader accepts the export."""
     hf, root = exported[name]
@@ -161,7 +216,6 @@ def test_sglang_export_weights_and_our_reader(exported, name):
     src = open_hf_checkpoint(root / "sglang")
     assert src.prefix == "model.language_model."
     assert src.spec == text_spec_from_any(preset_config_dict(name))
-    assert load_file(next((root / "sglang").glob("*.safetensors"))) is not None
 
 
 def test_sglang_export_loads_in_hf_conditional_generation(exported):

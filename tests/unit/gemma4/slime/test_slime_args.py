@@ -104,3 +104,74 @@ def test_every_problem_is_listed_at_once(released):
         require_matching_args(args, text_spec_from_any(released("12b")))
     for flag in ("--num-layers", "--hidden-size", "--normalization", "--attention-dropout", "--qk-layernorm"):
         assert flag in str(info.value)
+
+
+#: Checked attributes Megatron-LM derives (validate_args) rather than parses: the message names the flag that
+#: drives them.
+DERIVED_ATTRS = {"padded_vocab_size"}
+
+
+@pytest.fixture
+def megatron_lm(require_reference):
+    """Megatron-LM core_v0.16.1's own ``megatron.training`` (the parser slime's actors run)."""
+    from harness.compat.megatron_training import megatron_training
+
+    with megatron_training(root=require_reference("megatron-lm")):
+        yield
+
+
+def _real_args(tokens):
+    from harness.compat.megatron_training import parse_megatron_args
+
+    tokens = list(tokens)
+    if "--custom-model-provider-path" in tokens:  # slime's own flag, not Megatron-LM's
+        i = tokens.index("--custom-model-provider-path")
+        tokens = tokens[:i] + tokens[i + 2 :]
+    return parse_megatron_args(tokens)
+
+
+def test_every_check_names_a_flag_megatron_lm_accepts(megatron_lm, released):
+    """Each check's message names a flag of Megatron-LM's own parser (core_v0.16.1 ``add_megatron_arguments``)
+    and reads the attribute that flag sets: a typo'd or stale flag in a refusal sends the user to a flag that
+    does not exist (issue 17: a mutated flag name survived), and a check reading an attribute the parser never
+    sets compares the default forever (``--apply-layernorm-1p`` sets ``layernorm_zero_centered_gamma``)."""
+    import argparse
+
+    from megatron.training.arguments import add_megatron_arguments
+
+    from gemma4.slime.args import ARG_DESTS, expected_values
+
+    parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
+    dest_of = {opt: a.dest for a in parser._actions for opt in a.option_strings}
+    checks = [check for check, _ in expected_values(text_spec_from_any(released("26b-a4b"))).values()]
+    checks += [check for check, _ in expected_values(text_spec_from_any(released("31b"))).values()]
+    assert len(checks) > 20
+    wrong = []
+    for check in checks:
+        flags = check.flag.split()
+        read = set(ARG_DESTS.get(check.attr, (check.attr,)))
+        unknown = [f for f in flags if f not in dest_of]
+        if unknown or not (read & {dest_of[f] for f in flags} or check.attr in DERIVED_ATTRS):
+            wrong.append(f"{check.attr}: {check.flag} (sets {[dest_of.get(f) for f in flags]})")
+    assert wrong == []
+
+
+@pytest.mark.parametrize("variant", sorted(SCRIPTS))
+def test_scripts_pass_the_check_through_megatron_lms_own_parser(megatron_lm, variant, released):
+    """Before: slime's ``--spec`` path (``get_gemma4_spec`` -> ``require_matching_args``) raised "slime args have
+    no 'norm_epsilon'" on every run, because Megatron-LM core_v0.16 parses ``--norm-epsilon`` into
+    ``layernorm_epsilon``; the tests parsed the scripts with a model of Megatron's parser instead."""
+    args = _real_args(read_model_args(script_path(variant)))
+    assert check_args(args, text_spec_from_any(_config(variant, released))) == []
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [(["--apply-layernorm-1p"], "--apply-layernorm-1p"), (["--norm-epsilon", "1e-5"], "--norm-epsilon")],
+)
+def test_disagreements_are_seen_through_megatron_lms_own_parser(megatron_lm, released, flags, named):
+    """``--apply-layernorm-1p`` (a ``1 + w`` norm: a silently different model) was never seen: the check read
+    ``args.apply_layernorm_1p``, which Megatron-LM core_v0.16 does not set."""
+    args = _real_args([*read_model_args(script_path("31b")), *flags])
+    problems = check_args(args, text_spec_from_any(released("31b")))
+    assert len(problems) == 1 and named in problems[0].split(":")[0], problems

@@ -34,6 +34,28 @@ def describe(result: dict[str, Any]) -> str:
     )
 
 
+@pytest.fixture
+def plant_old_expert_names(monkeypatch) -> None:
+    """The converter as it once was: experts sent as ``experts.{e}.gate_up_proj`` /
+    ``experts.{e}.down_proj`` (names SGLang 0.5.23 skips without a word)."""
+    import torch
+
+    import harness.e2e.sync as e2e_sync
+
+    real = e2e_sync.convert_gemma4_to_hf
+
+    def old_names(args, name, param):
+        out = real(args, name, param)
+        if out and ".experts." in out[0][0]:
+            head = out[0][0].rsplit(".", 2)[0]
+            if out[0][0].endswith("down_proj.weight"):
+                return [(f"{head}.down_proj", out[0][1])]
+            return [(f"{head}.gate_up_proj", torch.cat([out[0][1], out[1][1]]))]
+        return out
+
+    monkeypatch.setattr(e2e_sync, "convert_gemma4_to_hf", old_names)
+
+
 @pytest.fixture(scope="session")
 def explain() -> Callable[[dict[str, Any]], str]:
     """:func:`describe` as a fixture (test modules here are not a package)."""

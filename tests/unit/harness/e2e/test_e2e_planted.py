@@ -93,20 +93,8 @@ def test_gate_up_swapped_in_sync_is_caught(monkeypatch, preset):
     _assert_red(_run(preset=preset), "iteration 0: train/rollout log-prob gap", iteration=0)
 
 
-def test_old_per_expert_names_are_caught(monkeypatch):
+def test_old_per_expert_names_are_caught(plant_old_expert_names):
     """Experts sent as ``experts.{e}.gate_up_proj`` / ``experts.{e}.down_proj`` (names SGLang skips)."""
-    real = e2e_sync.convert_gemma4_to_hf
-
-    def old_names(args, name, param):
-        out = real(args, name, param)
-        if out and ".experts." in out[0][0]:
-            head = out[0][0].rsplit(".", 2)[0]
-            if out[0][0].endswith("down_proj.weight"):
-                return [(f"{head}.down_proj", out[0][1])]
-            return [(f"{head}.gate_up_proj", torch.cat([out[0][1], out[1][1]]))]
-        return out
-
-    monkeypatch.setattr(e2e_sync, "convert_gemma4_to_hf", old_names)
     result = _run(preset="tiny-26b-a4b")
     _assert_red(result, "iteration 0: train/rollout log-prob gap", "experts.0.gate_up_proj", iteration=0)
 

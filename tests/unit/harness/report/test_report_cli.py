@@ -44,7 +44,10 @@ def test_reduced_report_passes_and_is_self_contained(tmp_path, goldens, capsys):
     stdout, stderr = capsys.readouterr()
     assert rc == 0 and "PASS" in stdout, stdout
     assert "it/s" not in stderr and "%|" not in stderr  # no progress bar when stderr is not a terminal
-    assert "Result: **PASS**: 1 parity runs, 0 layout comparisons, 1 golden cases checked." in md
+    assert (
+        "Result: **PASS**: 1 parity runs (1 applicable, 0 not applicable to gemma4-mcore), 0 layout comparisons, "
+        "1 golden cases checked." in md
+    )
     assert re.search(
         r"\| tiny-12b \| float64 \| tp1 \| fp64-exact-cross-framework \| \d\.\d\de-1\d \(≤ 1e-09\) \|", md
     )

@@ -33,10 +33,16 @@ Bridge -> ours -> Bridge; every checkpoint round-trips ours -> Bridge -> ours.
 
 All tensors here are TP = 1 global tensors (what ``GPTModel.state_dict()`` holds on one rank, ``_extra_state``
 entries aside).
+
+**Inputs.** A Bridge state dict as safetensors with our manifest (written here), one saved elsewhere (with
+``--hf-config``), or a ``torch_dist`` directory Megatron-Bridge itself saved (dense models, with
+``--hf-config``; key layout in the "checkpoint directories" section below). MoE ``torch_dist`` checkpoints are
+refused: their Transformer-Engine layout could not be checked.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -413,8 +419,31 @@ def layout_mismatch_hint(
 #                             when large); ``_extra_state`` left out
 #
 # Loading it into a Megatron-Bridge model is ``model.load_state_dict(safetensors.torch.load_file(...),
-# strict=False)`` (strict apart from ``_extra_state``). Megatron-Bridge's own ``torch_dist`` training checkpoints
-# (``self_attention_sliding.``/``self_attention_global.`` keys) are not read or written here.
+# strict=False)`` (strict apart from ``_extra_state``).
+#
+# Megatron-Bridge's own ``torch_dist`` checkpoints (what its trainer writes: ``dist_checkpointing.save(
+# model.sharded_state_dict(), dir)``) are read too (:func:`bridge_torch_dist_names`), not written. Their
+# model keys, as Megatron-Bridge 0.6.2 saved them for a dense Gemma 4 (``.metadata`` + ``__0_0.distcp`` +
+# ``metadata.json``; see ``tests/unit/gemma4/conversion/test_megatron_bridge_torch_dist.py``):
+#
+#   * global tensors under their state-dict names (``embedding.word_embeddings.weight`` padded,
+#     ``decoder.final_layernorm.weight``, ...);
+#   * per-layer tensors **stacked on a leading layer axis** (Megatron's homogeneous layout):
+#     ``decoder.layers.input_layernorm.weight`` [L, H], ``decoder.layers.layer_scalar`` [L, 1], ...;
+#   * attention split by layer type, because sliding and full layers differ in shape
+#     (``Gemma4SelfAttention.sharded_state_dict`` in ``modeling_gemma4.py``):
+#     ``decoder.layers.self_attention_sliding.*`` [number of sliding layers, ...] and
+#     ``decoder.layers.self_attention_global.*`` [number of full layers, ...]; row ``i`` is the ``i``-th layer
+#     of that type (its ``type_rank``);
+#   * ``mlp.linear_fc1.weight`` stored as two chunks per layer (gate, up) of the global ``[gate; up]`` tensor;
+#   * optimizer states (``optimizer.*``) and non-tensor entries (``_extra_state``, RNG) in training
+#     checkpoints, which are ignored; ``common.pt`` (pickled) is never read, so ``--hf-config`` is required.
+#
+# For E2B/E4B (layers of different MLP widths) Megatron-Bridge saves one key per layer instead, attention still
+# split: ``decoder.layers.{L}.self_attention_sliding.*`` (seen live; the tests pin a digest of its keys). MoE
+# models (Transformer Engine layers, no CPU build) were not saved here, so their torch_dist is refused.
+#
+# The ``.metadata`` pickle goes through :class:`gemma4.conversion.torch_dist.TorchDistReader`'s allow-list.
 
 BRIDGE_FORMAT = "megatron-bridge-state-dict"
 BRIDGE_MANIFEST_VERSION = 1
@@ -552,21 +581,182 @@ def _bridge_config(directory: Path, hf_config_path: Path | None) -> tuple[Any, l
     return read_hf_config_flag(hf_config_path), [f"config from --hf-config {hf_config_path}"]
 
 
+#: A file at the root of a Megatron training checkpoint (its ``iter_NNNNNNN`` directories hold the weights).
+TRAINING_ROOT_MARKER = "latest_checkpointed_iteration.txt"
+#: Megatron-Bridge's torch_dist attention keys: ``decoder.layers.{prefix}*`` -> (sliding layers?, our prefix).
+TORCH_DIST_ATTENTION = {"self_attention_sliding.": True, "self_attention_global.": False}
+_STACKED = "decoder.layers."
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """One Bridge state-dict tensor as stored: shape, dtype, where (for messages), and how to read it."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    path: Any
+    read: Callable[[], torch.Tensor]
+
+
+_TD_ATTENTION_KEY = re.compile(r"^decoder\.layers\.(\d+\.)?self_attention_(sliding|global)\.")
+
+
+def is_bridge_torch_dist_keys(keys: list[str] | Mapping[str, Any]) -> bool:
+    """True if torch_dist keys are Megatron-Bridge's Gemma 4 ones (attention split by layer type, layer-stacked
+    or per layer)."""
+    return any(_TD_ATTENTION_KEY.match(k) for k in keys)
+
+
+def bridge_torch_dist_names(
+    shapes: Mapping[str, tuple[int, ...]], spec: Gemma4TextSpec, where: str = "torch_dist checkpoint"
+) -> dict[str, tuple[str, int | None]]:
+    """Megatron-Bridge torch_dist keys (with their global shapes) -> ``{Bridge state-dict name: (key, row)}``:
+    a layer-stacked key ``decoder.layers.X`` gives ``decoder.layers.{L}.X`` = row ``i`` for the ``i``-th layer
+    (``self_attention_sliding.``/``self_attention_global.``: the ``i``-th layer of that type, renamed
+    ``self_attention.``); a per-layer key ``decoder.layers.{L}.self_attention_{sliding,global}.X`` (what
+    Megatron-Bridge saves for E2B/E4B, whose layers differ in shape) is ``decoder.layers.{L}.self_attention.X``;
+    other keys keep their name (row ``None``). ``optimizer.*`` keys are skipped. A stacked key whose leading
+    axis is not the number of such layers is refused, naming ``where``."""
+    out: dict[str, tuple[str, int | None]] = {}
+
+    def put(name: str, key: str, row: int | None) -> None:
+        if name in out:
+            raise InvalidInputError(f"{where}: keys {out[name][0]!r} and {key!r} both hold {name!r}")
+        out[name] = (key, row)
+
+    for key, shape in shapes.items():
+        if key.startswith("optimizer.") or key.endswith("_extra_state"):
+            continue
+        rest = key[len(_STACKED) :] if key.startswith(_STACKED) else None
+        if rest is None or rest.split(".", 1)[0].isdigit():  # global, or one key per layer (E-series)
+            layer, _, tail = (rest or "").partition(".")
+            for prefix, sliding in TORCH_DIST_ATTENTION.items():
+                if rest is not None and tail.startswith(prefix):
+                    if int(layer) >= spec.num_layers or spec.is_sliding(int(layer)) != sliding:
+                        raise InvalidInputError(
+                            f"{where}: key {key!r} says layer {layer} is "
+                            f"{'sliding' if sliding else 'full'} attention; the config disagrees"
+                        )
+                    put(f"{_STACKED}{layer}.self_attention.{tail[len(prefix) :]}", key, None)
+                    break
+            else:
+                put(key, key, None)
+            continue
+        layers = list(range(spec.num_layers))
+        for prefix, sliding in TORCH_DIST_ATTENTION.items():
+            if rest.startswith(prefix):
+                layers = [L for L in layers if spec.is_sliding(L) == sliding]
+                rest = "self_attention." + rest[len(prefix) :]
+                break
+        if not shape or shape[0] != len(layers):
+            raise InvalidInputError(
+                f"{where}: tensor {key!r} has shape {list(shape)}; a layer-stacked key needs a leading axis of "
+                f"{len(layers)} (the config's layers of that kind)"
+            )
+        for i, L in enumerate(layers):
+            put(f"decoder.layers.{L}.{rest}", key, i)
+    return out
+
+
+def _read_row(reader: Any, key: str, row: int) -> torch.Tensor:
+    """Row ``row`` of layer-stacked torch_dist tensor ``key``, reading only the chunks that hold it (which must
+    cover it exactly)."""
+    import dataclasses
+    import math
+
+    md = reader.tensors[key]
+    chunks = [c for c in md.chunks if c.offsets and c.offsets[0] <= row < c.offsets[0] + c.sizes[0]]
+    covered = sum(math.prod(c.sizes[1:]) for c in chunks)
+    if covered != math.prod(md.size[1:]):
+        raise InvalidInputError(
+            f"{reader.directory}: the stored chunks of {key!r} cover {covered} of the "
+            f"{math.prod(md.size[1:])} elements of its row {row}"
+        )
+    if all(c.sizes[0] == 1 for c in chunks):  # Megatron's stacking: one row per chunk; read a [1, ...] tensor
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+
+        shifted = [ChunkStorageMetadata(torch.Size((0, *c.offsets[1:])), c.sizes) for c in chunks]
+        storage = {
+            MetadataIndex(key, t.offsets): reader.storage.get(MetadataIndex(key, c.offsets))
+            for c, t in zip(chunks, shifted)
+        }
+        md = dataclasses.replace(md, size=torch.Size((1, *md.size[1:])), chunks=shifted)
+        return type(reader)(reader.directory, {key: md}, storage).read(key)[0].clone()
+    sub = type(reader)(reader.directory, {key: dataclasses.replace(md, chunks=chunks)}, reader.storage)
+    return sub.read(key)[row].clone()
+
+
+def _torch_dist_items(directory: Path, spec: Gemma4TextSpec) -> dict[str, _Stored]:
+    """The Bridge state-dict tensors of a Megatron-Bridge torch_dist directory (metadata through the
+    allow-list; nothing read yet). A torch_dist directory whose keys are not Megatron-Bridge's is refused."""
+    from gemma4.conversion.torch_dist import METADATA, TorchDistReader
+
+    reader = TorchDistReader.open(directory)
+    if not is_bridge_torch_dist_keys(reader.tensors):
+        raise InvalidInputError(
+            f"{directory}: a torch_dist checkpoint without Megatron-Bridge {BRIDGE_VERSION}'s Gemma 4 keys "
+            f"(no 'decoder.layers.self_attention_sliding.*' / 'self_attention_global.*' in {METADATA}); if it "
+            "is in our layout, drop --layout megatron-bridge (relayout: --to megatron-bridge)"
+        )
+    names = bridge_torch_dist_names(
+        {k: reader.shape(k) for k in reader.tensors}, spec, f"{directory / METADATA}"
+    )
+
+    def item(key: str, row: int | None) -> _Stored:
+        shape = reader.shape(key) if row is None else reader.shape(key)[1:]
+        where = f"{directory} (torch_dist key {key!r}" + ("" if row is None else f", row {row}") + ")"
+
+        def read() -> torch.Tensor:
+            return reader.read(key) if row is None else _read_row(reader, key, row)
+
+        return _Stored(shape, reader.dtype(key), where, read)
+
+    return {name: item(key, row) for name, (key, row) in names.items()}
+
+
 def open_bridge_checkpoint(
     directory: Path, hf_config_path: Path | None = None, *, discard_unused: bool = False
 ) -> BridgeSource:
     """Open, validate and convert a Bridge-layout checkpoint directory (names, shapes, one float dtype, dead
     slots; refusals name the file and tensor)."""
     from gemma4.conversion.mcore_io import _spec
+    from gemma4.conversion.torch_dist import is_torch_dist
 
     directory = Path(directory)
     if not directory.is_dir():
         raise InvalidInputError(f"{directory}: Megatron-Bridge checkpoint directory not found")
+    torch_dist = is_torch_dist(directory)
+    if not torch_dist and os.path.lexists(directory / TRAINING_ROOT_MARKER):
+        raise InvalidInputError(
+            f"{directory}: a Megatron training checkpoint root ({TRAINING_ROOT_MARKER}); pass one of its "
+            "iter_NNNNNNN directories"
+        )
+    if torch_dist and hf_config_path is None and not os.path.lexists(directory / MANIFEST):
+        raise InvalidInputError(
+            f"{directory}: a torch_dist checkpoint (Megatron dist_checkpointing) without {MANIFEST}; its model "
+            "config is only in pickled files this reader does not open: pass --hf-config with the model's "
+            "config.json"
+        )
     hf_config, notes = _bridge_config(directory, hf_config_path)
     spec = _spec(hf_config, str(directory))
     check_supported(spec)
-    store = SafetensorsDir(directory, "Megatron-Bridge checkpoint")
-    infos = {k: v for k, v in store.tensors.items() if not k.endswith("_extra_state")}
+    if torch_dist:
+        if getattr(spec, "enable_moe", False):
+            raise InvalidInputError(
+                f"{directory}: a torch_dist checkpoint of a MoE model; Megatron-Bridge torch_dist checkpoints are "
+                f"read for dense Gemma 4 only (its MoE layers are Transformer Engine modules, whose saved layout "
+                "was not checked here): export it with Megatron-Bridge to HF (AutoBridge.export_ckpt or "
+                "save_hf_pretrained), or save its model.state_dict() as safetensors and pass --layout "
+                "megatron-bridge --hf-config"
+            )
+        infos = _torch_dist_items(directory, spec)
+    else:
+        store = SafetensorsDir(directory, "Megatron-Bridge checkpoint")
+        infos = {
+            k: _Stored(v.shape, v.dtype, v.path, functools.partial(read_tensor, v))
+            for k, v in store.tensors.items()
+            if not k.endswith("_extra_state")
+        }
     want = {e.name: e for e in bridge_plan(spec)}
     missing = sorted(set(want) - set(infos))
     extra = sorted(set(infos) - set(want))
@@ -594,7 +784,7 @@ def open_bridge_checkpoint(
     bridge: dict[str, torch.Tensor] = {}
     cast = []
     for name in want:
-        t = read_tensor(infos[name])
+        t = infos[name].read()
         if t.dtype != dtype:
             c = t.to(dtype)
             if not torch.equal(c.to(t.dtype), t):
@@ -610,7 +800,12 @@ def open_bridge_checkpoint(
         ours, more = from_bridge(bridge, spec, discard_unused=discard_unused)
     except InvalidInputError as exc:
         raise InvalidInputError(f"{directory}: {exc}") from None
-    notes = [f"Megatron-Bridge {BRIDGE_VERSION} layout checkpoint {directory}"] + notes + more
+    what = (
+        "torch_dist checkpoint (attention keys under self_attention_sliding/global)"
+        if torch_dist
+        else "layout checkpoint"
+    )
+    notes = [f"Megatron-Bridge {BRIDGE_VERSION} {what} {directory}"] + notes + more
     if cast:
         notes.append(
             f"{len(cast)} tensors stored in another dtype were cast to {str(dtype).removeprefix('torch.')} "
@@ -767,6 +962,16 @@ def sniff_bridge_hint(directory: Path, hf_config_path: Path | None = None) -> st
     from gemma4.conversion.mcore_io import _manifest_hf_config, _spec, read_hf_config_flag
 
     try:
+        from gemma4.conversion.torch_dist import TorchDistReader, is_torch_dist
+
+        if is_torch_dist(Path(directory)):
+            keys = TorchDistReader.open(Path(directory)).tensors
+            if is_bridge_torch_dist_keys(keys):
+                return (
+                    f"{directory} is a Megatron-Bridge {BRIDGE_VERSION} torch_dist checkpoint (keys "
+                    "'decoder.layers.self_attention_sliding.*'/'self_attention_global.*'); use --layout "
+                    "megatron-bridge with --hf-config"
+                )
         path = Path(directory) / MANIFEST
         spec = None
         if os.path.lexists(path):

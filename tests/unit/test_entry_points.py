@@ -70,6 +70,21 @@ ENTRY_POINTS: dict[str, str] = {
     "slime convert_to_hf dispatch by --model-name": (
         "tests/unit/gemma4/conversion/test_conversion_streaming.py::test_convert_to_hf_dispatches"
     ),
+    "Megatron checkpoints <-> Megatron-Bridge 0.6.2 layout (both ways)": (
+        "tests/unit/gemma4/conversion/test_megatron_bridge.py::test_cli_relayout_both_ways"
+    ),
+    "Megatron-Bridge's own torch_dist checkpoints -> HF": (
+        "tests/unit/gemma4/conversion/test_megatron_bridge_torch_dist.py::test_cli_mcore_to_hf_bit_exact"
+    ),
+    "HF export SGLang starts from (--for sglang), through SGLang's own loader": (
+        "tests/unit/gemma4/conversion/test_sglang_config.py::test_sglang_model_config_flattens_the_export"
+    ),
+    "weight sync into SGLang's own load_weights": (
+        "tests/unit/gemma4/slime/test_sglang_real_load.py::test_sglang_loads_every_emitted_tensor_once_with_hf_values"
+    ),
+    "slime's update_weight gathering on forked TP/EP ranks": (
+        "tests/unit/gemma4/slime/test_slime_update_weight_ranks.py::test_slime_gathers_and_names_our_model_into_hf_state_dict"
+    ),
     "slime model provider": "tests/unit/gemma4/slime/test_slime_entry_points.py::test_model_provider_builds_our_model",
     "slime spec (--spec)": "tests/unit/gemma4/slime/test_slime_entry_points.py::test_spec_is_our_decoder_block_spec",
     "slime _LOADERS (HF -> Megatron in slime)": (

@@ -498,3 +498,29 @@ def test_cli_subprocess_exit_codes(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "--ep 2" in proc.stderr
     assert not (tmp_path / "mc").exists()
+
+
+def test_manifest_records_where_the_weights_came_from(tmp_path):
+    """The manifest's ``source`` record (provenance a user reads to know what a checkpoint was made from):
+    the HF directory, the prefix the text weights had, how many non-text tensors were skipped, the notes and
+    the versions. Catches a renamed or dropped field (issue 17: a renamed ``skipped_non_text_tensors``
+    survived)."""
+    from gemma4.conversion.convert import hf_to_mcore_dir
+
+    hf = save_hf_checkpoint(tmp_path / "hf", preset_config_dict("tiny-12b"), conditional_generation=True)
+    hf_to_mcore_dir(hf, tmp_path / "out")
+    source = json.loads((tmp_path / "out" / MANIFEST).read_text())["source"]
+    assert set(source) == {"hf_dir", "hf_prefix", "skipped_non_text_tensors", "notes", "versions"}
+    assert source["hf_dir"] == str(hf.resolve()) and source["hf_prefix"] == "model.language_model."
+    assert source["skipped_non_text_tensors"] == 1 and any("skipped 1" in n for n in source["notes"])
+    assert {"torch", "transformers"} <= set(source["versions"])
+
+
+def test_unknown_format_through_the_python_api_names_the_flag(tmp_path):
+    """argparse guards ``--format`` on the command line; the Python entry point must refuse by itself."""
+    from gemma4.conversion.convert import hf_to_mcore_dir
+
+    hf = save_hf_checkpoint(tmp_path / "hf", preset_config_dict("tiny-12b"))
+    with pytest.raises(InvalidInputError, match=r"--format must be one of \['safetensors', 'torch_dist'\]"):
+        hf_to_mcore_dir(hf, tmp_path / "out", fmt="zarr")
+    assert not (tmp_path / "out").exists()

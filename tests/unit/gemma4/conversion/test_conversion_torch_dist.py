@@ -106,3 +106,28 @@ def test_torch_dist_metadata_is_never_unpickled_freely(tmp_path, capsys, monkeyp
     rc, _, err = run(argv, capsys)
     assert rc == 2 and "refusing to unpickle" in err and ".metadata" in err
     assert not (tmp_path / "BOOM").exists()
+
+
+def test_a_key_megatrons_load_does_not_return_is_refused(tmp_path, capsys):
+    """If ``sharded_state_dict()`` (and so Megatron's load) leaves a tensor out -- as it would a buffer such as
+    ``layer_scalar`` that a module forgot to shard -- the strict ``load_state_dict`` refuses instead of keeping
+    the initial value (a silently wrong model; issue 17: ``strict=True`` dropped survived)."""
+    from gemma4.config import text_spec_from_any
+    from gemma4.conversion.torch_dist import load_torch_dist_into_model
+    from gemma4.model.build import build_gemma4_model
+
+    hf = save_hf_checkpoint(tmp_path / "hf", preset_config_dict("tiny-12b"), seed=6)
+    td = tmp_path / "td"
+    argv = ["convert", "hf-to-mcore", "--hf", str(hf), "--out", str(td), "--format", "torch_dist"]
+    assert run(argv, capsys)[0] == 0
+    model = build_gemma4_model(
+        text_spec_from_any(preset_config_dict("tiny-12b")), torch.float32, hetereogenous_dist_checkpoint=True
+    )
+    full = model.sharded_state_dict
+
+    def forgetful(*args, **kwargs):
+        return {k: v for k, v in full(*args, **kwargs).items() if not k.endswith("layer_scalar")}
+
+    model.sharded_state_dict = forgetful
+    with pytest.raises(RuntimeError, match="layer_scalar"):
+        load_torch_dist_into_model(model, td)

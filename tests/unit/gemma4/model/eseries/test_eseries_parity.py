@@ -114,8 +114,16 @@ def test_carry_reaches_the_block_as_an_argument_not_instance_state():
     assert seen["during"] == before == {k: id(v) for k, v in vars(model).items()}
     assert seen["layer_context"] is seen["block_context"]
     assert seen["block_context"].shape == (carry_layout(spec, 5, 5, 2, 1).numel,)
-    with pytest.raises(NotImplementedError, match="schedule plan"):
+    # the refusal names the plan and the Megatron flag that asks for it, and says why
+    with pytest.raises(NotImplementedError) as refused:
         model.build_schedule_plan(ids, None, None)
+    message = str(refused.value)
+    for needle in (
+        "combined 1F1B schedule plan",
+        "overlap_moe_expert_parallel_comm",
+        "bypasses Gemma 4's forward",
+    ):
+        assert needle in message, message
 
 
 # ---- planted bugs ----------------------------------------------------------------------------------------

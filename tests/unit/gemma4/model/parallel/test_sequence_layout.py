@@ -48,11 +48,21 @@ def test_positions_restart_per_document():
     assert layout.q_doc.tolist() == [0] * 4 + [1] * 8
 
 
-@pytest.mark.parametrize("bad", [torch.tensor([0, 5, 12]), torch.tensor([0, 7])])
-def test_bad_cu_seqlens_are_refused(bad):
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (torch.tensor([0, 5, 12]), r"sequence length 5 must be divisible by 2\*cp = 4"),
+        (torch.tensor([0, 7]), r"cu_seqlens ends at 7 but the sequence holds 12 tokens \(6 x cp 2\)"),
+        (torch.tensor([0, 4, 8]), r"cu_seqlens ends at 8 but the sequence holds 12 tokens"),
+        (torch.tensor([0, 8, 4, 12]), r"cu_seqlens must be non-decreasing, got \[0, 8, 4, 12\]"),
+    ],
+)
+def test_bad_cu_seqlens_are_refused(bad, message):
+    """The refusal states the values it found (issue 17: a message reporting ``cu[1]`` for ``cu[-1]``
+    survived)."""
     from gemma4.errors import InvalidInputError
 
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(InvalidInputError, match=message):
         make_layout(6, cu_seqlens=bad, cp_size=2, cp_rank=0)
 
 

@@ -145,3 +145,15 @@ def test_default_rope_ignores_stray_factors_like_hf():
     hf = hfm.Gemma4TextRotaryEmbedding(cfg)
     ours = rope.inv_freq(spec.rope[S], spec.head_dim_of(S), torch.float32)
     assert torch.equal(ours, getattr(hf, f"{S}_inv_freq"))
+
+
+@pytest.mark.parametrize("vocab", ["262144", 262144.0, True])
+def test_a_vocab_size_that_is_not_an_integer_is_a_clear_error(vocab):
+    """``vocab_size`` as a string, a float or a bool: a config error naming the field, never a ``TypeError``
+    from comparing it (issue 17: the guard's ``and`` turned into ``or`` survived)."""
+    from gemma4.config import hf_text_config_from_any
+    from gemma4.errors import InvalidInputError
+    from harness.presets import preset_config_dict
+
+    with pytest.raises(InvalidInputError, match="vocab_size"):
+        hf_text_config_from_any(preset_config_dict("tiny-12b") | {"vocab_size": vocab, "pad_token_id": 0})

@@ -158,6 +158,12 @@ def run(argv: list[str], capsys) -> tuple[int, str, str]:
     return rc, out, err
 
 
+def bridge_to_hf(mcore: Path, out: Path, hf_config: Path | None = None) -> list[str]:
+    """``convert mcore-to-hf --layout megatron-bridge`` argv (with ``--hf-config`` when given)."""
+    argv = ["convert", "mcore-to-hf", "--mcore", str(mcore), "--out", str(out), "--layout", "megatron-bridge"]
+    return argv + (["--hf-config", str(hf_config)] if hf_config is not None else [])
+
+
 def refused(argv: list[str], capsys) -> str:
     """Exit 2 with one line on stderr (no traceback); the line."""
     rc, out, err = run(argv, capsys)
@@ -305,17 +311,7 @@ def test_names_skip_optimizer_state():
 
 def test_cli_mcore_to_hf_bit_exact(tmp_path, capsys, hf_dir):
     out = tmp_path / "hf_out"
-    argv = [
-        "convert",
-        "mcore-to-hf",
-        "--mcore",
-        str(FIXTURE),
-        "--out",
-        str(out),
-        "--layout",
-        "megatron-bridge",
-    ]
-    rc, stdout, err = run(argv + ["--hf-config", str(hf_dir / "config.json")], capsys)
+    rc, stdout, err = run(bridge_to_hf(FIXTURE, out, hf_dir / "config.json"), capsys)
     assert rc == 0, err
     assert "torch_dist" in stdout
     assert (
@@ -356,16 +352,7 @@ def test_values_equal_the_bridge_state_dict_of_the_hf_weights(hf_dir):
 
 def test_refused_without_hf_config(tmp_path, capsys):
     err = refused(
-        [
-            "convert",
-            "mcore-to-hf",
-            "--mcore",
-            str(FIXTURE),
-            "--out",
-            str(tmp_path / "o"),
-            "--layout",
-            "megatron-bridge",
-        ],
+        bridge_to_hf(FIXTURE, tmp_path / "o"),
         capsys,
     )
     assert str(FIXTURE) in err and "torch_dist" in err and "--hf-config" in err
@@ -410,17 +397,7 @@ def test_planted_renamed_key_refused(ckpt, tmp_path, capsys, hf_dir):
     _rewrite_keys(ckpt, lambda k: k.replace("layers.post_mlp_layernorm", "layers.post_feedforward_layernorm"))
     assert TorchDistReader.open(ckpt).tensors  # still a readable torch_dist checkpoint
     err = refused(
-        [
-            "convert",
-            "mcore-to-hf",
-            "--mcore",
-            str(ckpt),
-            "--out",
-            str(tmp_path / "o"),
-            "--layout",
-            "megatron-bridge",
-        ]
-        + ["--hf-config", str(hf_dir / "config.json")],
+        bridge_to_hf(ckpt, tmp_path / "o", hf_dir / "config.json"),
         capsys,
     )
     assert str(ckpt) in err
@@ -437,17 +414,7 @@ def test_planted_missing_chunk_refused(ckpt, tmp_path, capsys, hf_dir):
     assert len(md.chunks) == 15
     (ckpt / ".metadata").write_bytes(pickle.dumps(meta))
     err = refused(
-        [
-            "convert",
-            "mcore-to-hf",
-            "--mcore",
-            str(ckpt),
-            "--out",
-            str(tmp_path / "o"),
-            "--layout",
-            "megatron-bridge",
-        ]
-        + ["--hf-config", str(hf_dir / "config.json")],
+        bridge_to_hf(ckpt, tmp_path / "o", hf_dir / "config.json"),
         capsys,
     )
     assert "'decoder.layers.mlp.linear_fc1.weight' cover 8192 of the 16384 elements of its row 2" in err
@@ -487,17 +454,7 @@ def test_wrong_config_refused(tmp_path, capsys):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(raw))
     err = refused(
-        [
-            "convert",
-            "mcore-to-hf",
-            "--mcore",
-            str(FIXTURE),
-            "--out",
-            str(tmp_path / "o"),
-            "--layout",
-            "megatron-bridge",
-        ]
-        + ["--hf-config", str(cfg)],
+        bridge_to_hf(FIXTURE, tmp_path / "o", cfg),
         capsys,
     )
     assert "layer-stacked key needs a leading axis of 4" in err
@@ -577,17 +534,7 @@ def test_live_bridge_torch_dist(tmp_path, capsys, name):
     assert sorted(back) == sorted(own)
     assert [k for k in own if not torch.equal(own[k].double(), back[k].double())] == []
     hf_out = tmp_path / "hf_out"
-    argv = [
-        "convert",
-        "mcore-to-hf",
-        "--mcore",
-        str(out),
-        "--out",
-        str(hf_out),
-        "--layout",
-        "megatron-bridge",
-    ]
-    assert run(argv + ["--hf-config", str(hf_path / "config.json")], capsys)[0] == 0
+    assert run(bridge_to_hf(out, hf_out, hf_path / "config.json"), capsys)[0] == 0
     assert (
         state_dict_failures(text_relative(stored_tensors(hf_out)), text_relative(stored_tensors(hf_path)))
         == []
